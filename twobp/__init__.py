@@ -1,0 +1,36 @@
+"""twobp: 2-stage backpropagation (2BP) at the level of the kernels.
+
+A layer's backward splits into p1 (dX, which the previous pipeline stage waits for) and
+p2 (dW, which nobody waits for until the optimizer step). twobp runs p1 at once and lets
+a pipeline schedule put p2 into its idle time.
+
+Public API:
+
+* modules: :class:`TwoBPLinear` (more in :mod:`twobp.nn`)
+* :func:`split_backward`, :func:`backward_p2`: the split itself
+* :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
+* :func:`use_backend`: force the Triton kernels or the torch reference
+"""
+
+from .backend import resolve_backend, use_backend
+from .nn import TwoBPLinear, TwoBPModule, label_modules
+from .split import backward_p2, pending_microbatches, split_backward
+from .store import ActivationStore, LeakError, MemoryReport, default_store, memory_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStore",
+    "LeakError",
+    "MemoryReport",
+    "TwoBPLinear",
+    "TwoBPModule",
+    "backward_p2",
+    "default_store",
+    "label_modules",
+    "memory_report",
+    "pending_microbatches",
+    "resolve_backend",
+    "split_backward",
+    "use_backend",
+]

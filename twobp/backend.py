@@ -1,0 +1,70 @@
+"""Which implementation of the split contract runs: Triton kernels or the torch reference.
+
+The rule, in order:
+
+1. ``with twobp.use_backend("torch" | "triton"):`` forces one (tests use this).
+2. The environment variable ``TWOBP_BACKEND=torch|triton`` forces one.
+3. CUDA tensors take Triton.
+4. CPU tensors take the torch reference, unless ``TRITON_INTERPRET=1`` is set, in which
+   case they run the real Triton kernels through Triton's interpreter (how CPU tests
+   exercise the kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Literal
+
+import torch
+
+__all__ = ["Backend", "resolve_backend", "use_backend", "triton_available"]
+
+Backend = Literal["torch", "triton"]
+_VALID = ("torch", "triton")
+_local = threading.local()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when Triton is importable and can run here (a GPU, or the interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or _interpreting()
+
+
+@contextlib.contextmanager
+def use_backend(name: Backend) -> Iterator[None]:
+    """Force a backend for the calls made inside the block (per thread)."""
+    if name not in _VALID:
+        raise ValueError(f"backend must be one of {_VALID}, got {name!r}")
+    prev = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def resolve_backend(device: torch.device) -> Backend:
+    """The backend that runs ops on tensors of ``device`` (see the module docstring)."""
+    forced = getattr(_local, "forced", None) or os.environ.get("TWOBP_BACKEND") or None
+    if forced is not None:
+        if forced not in _VALID:
+            raise ValueError(f"TWOBP_BACKEND must be one of {_VALID}, got {forced!r}")
+        if forced == "triton" and device.type == "cpu" and not _interpreting():
+            raise RuntimeError(
+                "the triton backend on CPU tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing twobp, or use the torch backend")
+        return forced  # type: ignore[return-value]
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and _interpreting():
+        return "triton"
+    return "torch"

@@ -1,0 +1,93 @@
+"""Linear, split: Y = X Wᵀ + b.
+
+Shapes: X [..., K] (flattened to [M, K]), W [N, K], b [N], Y [..., N].
+
+* forward: Y = X Wᵀ + b.
+* p1, dX = dY W: needs only W (a parameter), so p1 saves **nothing**.
+* p2, dW += Σ_mb dYᵀ X and db += Σ_mb Σ_rows dY: needs X (saved by forward, [M, K]) and
+  dY (deposited by p1, [M, N]).
+
+The Triton backend is :mod:`twobp.kernels.linear`; the torch reference below computes the
+same contract with plain torch ops (batched p2 as one matmul per micro-batch).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..backend import resolve_backend
+from ._checks import check_same_dtype_device
+from .base import Saved, SplitOp
+
+__all__ = ["LinearOp", "linear_fwd_ref", "linear_dx_ref", "linear_dw_ref"]
+
+
+def linear_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Y = X Wᵀ + b for X [M, K]."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_dx_ref(dy: Tensor, weight: Tensor) -> Tensor:
+    """dX = dY W for dY [M, N]."""
+    return dy @ weight
+
+
+def linear_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], dweight: Tensor | None,
+                  dbias: Tensor | None) -> None:
+    """dW += Σ dYᵀ X, db += Σ_rows dY over the micro-batches, accumulated in fp32."""
+    for x, dy in zip(xs, dys):
+        if dweight is not None:
+            dweight.add_((dy.t().float() @ x.float()).to(dweight.dtype))
+        if dbias is not None:
+            dbias.add_(dy.float().sum(0).to(dbias.dtype))
+
+
+class LinearOp(SplitOp):
+    """The split linear op (see module docstring). Stateless: one instance serves all."""
+
+    name = "linear"
+
+    def forward(self, inputs, params, *, save_p1, save_p2):
+        (x,), (weight, bias) = inputs, params
+        n, k = weight.shape
+        if x.dim() == 0 or x.shape[-1] != k:
+            raise ValueError(
+                f"linear: input's last dim must be in_features={k}, got input shape {tuple(x.shape)}")
+        check_same_dtype_device("linear", x, weight=weight, bias=bias)
+        x2 = x.reshape(-1, k)
+        if resolve_backend(x.device) == "triton":
+            from ..kernels.linear import linear_fwd
+            y = linear_fwd(x2.contiguous(), weight, bias)
+        else:
+            y = linear_fwd_ref(x2, weight, bias)
+        p2 = {"x": x2.contiguous()} if save_p2 else {}
+        return y.reshape(*x.shape[:-1], n), {}, p2
+
+    def input_grads(self, dy, saved, params, needs):
+        weight = params[0]
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        if resolve_backend(dy.device) == "triton":
+            from ..kernels.linear import linear_dx
+            dx = linear_dx(dy2.contiguous(), weight)
+        else:
+            dx = linear_dx_ref(dy2, weight)
+        return (dx.reshape(*dy.shape[:-1], k),)
+
+    def param_grads(self, dys, saved, grads):
+        dweight, dbias = grads
+        n = dys[0].shape[-1]
+        xs = [s["x"] for s in saved]
+        dys2 = [dy.reshape(-1, n) for dy in dys]
+        if resolve_backend(xs[0].device) == "triton":
+            from ..kernels.linear import linear_dw
+            if dweight is None:
+                # the kernel always produces dW; a frozen weight with a trainable bias is rare
+                dweight = torch.empty(n, xs[0].shape[1], device=xs[0].device, dtype=torch.float32)
+                dweight.zero_()
+            linear_dw(xs, dys2, dweight, dbias)
+        else:
+            linear_dw_ref(xs, dys2, dweight, dbias)

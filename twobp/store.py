@@ -1,0 +1,319 @@
+"""The saved-activation store: what p1 and p2 need, with explicit lifetimes.
+
+2BP changes *when* a layer's saved tensors may die. Plain autograd frees everything a
+node saved once its backward has run. With the backward split in two:
+
+* **forward** records two sets of tensors per (module, micro-batch): what p1 (dX) needs
+  and what p2 (dW) needs. A tensor needed by both is listed in both and counted once.
+* **p1** takes its set, computes dX, and drops its references; it then deposits dy, the
+  gradient of the module's output, next to the p2 set. The entry is now *ready*.
+* **p2** takes the ready entry (x-like tensors and dy), accumulates into ``.grad`` and
+  removes the entry. At the end of a step the store must be empty; whatever is left is a
+  leak and :meth:`ActivationStore.begin_step` reports it by raising :class:`LeakError`.
+
+Byte accounting counts the *storages* kept alive, each once (a view keeps its whole
+storage alive, so that is what memory pays for). ``live_bytes`` is updated on every
+transition; ``peak_bytes`` is the maximum since the last :meth:`reset_peak`.
+
+Entries are keyed by ``(owner, microbatch)`` where ``owner`` is the module (held weakly
+through its id and a label; the entry itself keeps the parameters it accumulates into).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ActivationStore",
+    "Entry",
+    "EntryState",
+    "LeakError",
+    "MemoryReport",
+    "PendingEntry",
+    "record_versions",
+    "check_versions",
+    "default_store",
+    "memory_report",
+]
+
+
+class LeakError(RuntimeError):
+    """Saved activations are still held when a new step starts."""
+
+
+class EntryState(enum.Enum):
+    FORWARD = "forward"  # p1 has not run yet: holds p1 and p2 sets
+    READY = "ready"  # p1 ran: holds the p2 set and dy
+    CLOSED = "closed"  # p2 ran (or nothing was left to do): holds nothing
+
+
+def record_versions(*groups: dict[str, Tensor] | None) -> dict[int, int]:
+    """Version counters of saved tensors, to catch in-place edits before they are used."""
+    return {id(t): t._version for g in groups if g for t in g.values() if t is not None}
+
+
+def check_versions(group: dict[str, Tensor], versions: dict[int, int], where: str) -> None:
+    for name, t in group.items():
+        if t is not None and id(t) in versions and t._version != versions[id(t)]:
+            raise RuntimeError(
+                f"saved tensor {name!r} of {where} was modified in place after forward; 2BP keeps "
+                "it until p2, so clone it before editing it in place")
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+class Entry:
+    """Saved tensors of one module call under one micro-batch.
+
+    Created by :meth:`ActivationStore.open` during forward. ``op`` is the split op that
+    will consume the tensors; ``params`` are the parameters p2 accumulates into (the
+    entry holds them so tied parameters work); ``param_mask`` says which of them need a
+    gradient.
+    """
+
+    __slots__ = ("store", "owner", "label", "microbatch", "op", "params", "param_mask", "state",
+                 "p1", "p2", "dy", "_keys", "_versions")
+
+    def __init__(self, store: "ActivationStore", owner: Hashable, label: str, microbatch: int,
+                 op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool],
+                 p1: dict[str, Tensor], p2: dict[str, Tensor]):
+        self.store = store
+        self.owner = owner
+        self.label = label
+        self.microbatch = microbatch
+        self.op = op
+        self.params = tuple(params)
+        self.param_mask = tuple(param_mask)
+        self.state = EntryState.FORWARD
+        self.p1: dict[str, Tensor] | None = p1
+        self.p2: dict[str, Tensor] | None = p2
+        self.dy: Tensor | None = None
+        self._keys: set[tuple[int, int]] = set()
+        self._versions = record_versions(p1, p2)
+
+    def tensors(self) -> list[Tensor]:
+        held = []
+        for group in (self.p1, self.p2):
+            if group:
+                held.extend(t for t in group.values() if t is not None)
+        if self.dy is not None:
+            held.append(self.dy)
+        return held
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct storages this entry alone keeps alive."""
+        seen = {}
+        for t in self.tensors():
+            k = _storage_key(t)
+            seen[k] = k[1]
+        return sum(seen.values())
+
+    def take_p1(self) -> dict[str, Tensor]:
+        """Hand the p1 set to the caller and drop the entry's references to it."""
+        if self.state is not EntryState.FORWARD:
+            raise RuntimeError(
+                f"p1 of {self.label} micro-batch {self.microbatch} ran twice; backward through a "
+                "split region may run only once (no retain_graph)")
+        p1 = self.p1 or {}
+        check_versions(p1, self._versions, f"{self.label} micro-batch {self.microbatch} (p1)")
+        with self.store._lock:
+            self.p1 = None
+            self.store._refresh(self)
+        return p1
+
+    def deposit_dy(self, dy: Tensor) -> None:
+        """Finish p1: keep dy for p2; the entry becomes ready."""
+        with self.store._lock:
+            self.dy = dy
+            self.state = EntryState.READY
+            self.store._refresh(self)
+
+    def take_p2(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return (dy, p2 set) of a ready entry, checked for in-place modification."""
+        if self.state is not EntryState.READY:
+            raise RuntimeError(
+                f"p2 of {self.label} micro-batch {self.microbatch} asked for before its p1: run the "
+                "backward of that micro-batch's output first (p2 needs the dy that p1 deposits)")
+        p2 = self.p2 or {}
+        check_versions(p2, self._versions, f"{self.label} micro-batch {self.microbatch} (p2)")
+        return self.dy, p2
+
+    def close(self) -> None:
+        """Drop everything; the entry leaves the store."""
+        self.store._close(self)
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    """One line of a memory report."""
+
+    label: str
+    microbatch: int
+    state: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """A snapshot of the store.
+
+    ``live_bytes``: storages held right now, each counted once.
+    ``peak_bytes``: the maximum of ``live_bytes`` since the last reset.
+    ``entries``: what is held, per (module, micro-batch).
+    """
+
+    live_bytes: int
+    peak_bytes: int
+    entries: tuple[PendingEntry, ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        lines = [f"twobp store: live {_fmt_bytes(self.live_bytes)}, peak {_fmt_bytes(self.peak_bytes)}, "
+                 f"{len(self.entries)} entries"]
+        for e in self.entries:
+            lines.append(f"  {e.label:<40} mb={e.microbatch:<4} {e.state:<8} {_fmt_bytes(e.nbytes)}")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class ActivationStore:
+    """Holds split-mode saved tensors between forward, p1 and p2 (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[Hashable, int], Entry] = {}
+        # storage key -> number of entries holding it; live bytes count each storage once
+        self._refcount: dict[tuple[int, int], int] = {}
+        self._live = 0
+        self._peak = 0
+
+    # ---- lifetime transitions -------------------------------------------------------
+    def open(self, *, owner: Hashable, label: str, microbatch: int, op: Any,
+             params: Sequence[Tensor | None], param_mask: Sequence[bool],
+             p1: dict[str, Tensor], p2: dict[str, Tensor]) -> Entry:
+        """Record a forward's saved tensors under ``(owner, microbatch)``."""
+        key = (owner, microbatch)
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None:
+                raise RuntimeError(
+                    f"{label} ran forward twice under micro-batch {microbatch} before its p2 "
+                    f"(state: {old.state.value}). Use a distinct micro-batch id per forward, or run "
+                    f"twobp.backward_p2(..., microbatches=[{microbatch}]) first.")
+            entry = Entry(self, owner, label, microbatch, op, params, param_mask, p1, p2)
+            self._entries[key] = entry
+            self._refresh(entry)
+            return entry
+
+    def _refresh(self, entry: Entry) -> None:
+        new = {_storage_key(t) for t in entry.tensors()}
+        for k in entry._keys - new:
+            self._release(k)
+        for k in new - entry._keys:
+            self._acquire(k)
+        entry._keys = new
+        self._peak = max(self._peak, self._live)
+
+    def _acquire(self, k: tuple[int, int]) -> None:
+        n = self._refcount.get(k, 0)
+        if n == 0:
+            self._live += k[1]
+        self._refcount[k] = n + 1
+
+    def _release(self, k: tuple[int, int]) -> None:
+        n = self._refcount[k] - 1
+        if n == 0:
+            del self._refcount[k]
+            self._live -= k[1]
+        else:
+            self._refcount[k] = n
+
+    def _close(self, entry: Entry) -> None:
+        with self._lock:
+            for k in entry._keys:
+                self._release(k)
+            entry._keys = set()
+            entry.p1 = entry.p2 = entry.dy = None
+            entry.state = EntryState.CLOSED
+            self._entries.pop((entry.owner, entry.microbatch), None)
+
+    # ---- queries ----------------------------------------------------------------------
+    def entries(self, owners: Iterable[Hashable] | None = None,
+                microbatches: Iterable[int] | None = None) -> list[Entry]:
+        """Entries (any state) of the given owners and micro-batches, in insertion order."""
+        own = None if owners is None else set(owners)
+        mbs = None if microbatches is None else set(microbatches)
+        with self._lock:
+            return [e for (o, mb), e in self._entries.items()
+                    if (own is None or o in own) and (mbs is None or mb in mbs)]
+
+    @property
+    def live_bytes(self) -> int:
+        return self._live
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._peak
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement from the current live bytes."""
+        with self._lock:
+            self._peak = self._live
+
+    def is_empty(self) -> bool:
+        return not self._entries
+
+    def report(self) -> MemoryReport:
+        with self._lock:
+            rows = tuple(PendingEntry(e.label, e.microbatch, e.state.value, e.nbytes)
+                         for e in self._entries.values())
+            return MemoryReport(self._live, self._peak, rows)
+
+    def begin_step(self) -> None:
+        """Check that the previous step left nothing behind, and reset the peak.
+
+        Raises :class:`LeakError` listing every entry still held: a forward whose backward
+        never ran, or a p1 whose p2 never ran.
+        """
+        if self._entries:
+            raise LeakError(
+                "saved activations leaked from the previous step; run twobp.backward_p2(model) "
+                "for pending p2, and backward for every split forward, before the next step "
+                "(or call clear() to drop them):\n" + str(self.report()))
+        self.reset_peak()
+
+    def clear(self) -> None:
+        """Drop every entry (for error recovery); their gradients are lost."""
+        with self._lock:
+            for e in list(self._entries.values()):
+                self._close(e)
+            self._peak = self._live
+
+
+_default = ActivationStore()
+
+
+def default_store() -> ActivationStore:
+    """The process-wide store used by twobp modules."""
+    return _default
+
+
+def memory_report() -> MemoryReport:
+    """Live bytes, peak bytes and pending entries of the default store."""
+    return _default.report()
