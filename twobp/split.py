@@ -58,7 +58,9 @@ def split_backward(*, microbatch: int, store: ActivationStore | None = None) -> 
 
 def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
     if p.grad is None:
-        p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # honour a master-gradient dtype set on the parameter (torch >= 2.10: Tensor.grad_dtype)
+        dtype = getattr(p, "grad_dtype", None) or p.dtype
+        p.grad = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     return p.grad
 
 
