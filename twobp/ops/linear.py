@@ -22,8 +22,6 @@ from ..backend import resolve_backend
 from ._checks import check_same_dtype_device
 from .base import Saved, SplitOp
 
-_HAS_OUT_DTYPE = False  # torch.mm(out_dtype=) exists only for some dtype pairs on some devices
-
 __all__ = ["LinearOp", "linear_fwd_ref", "linear_dx_ref", "linear_dw_ref"]
 
 
@@ -45,8 +43,7 @@ def linear_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], dweight: Tensor |
             if dweight.dtype == x.dtype:
                 dweight.addmm_(dy.t(), x)
             else:  # e.g. fp32 master gradients of fp16 activations
-                dweight.add_(torch.mm(dy.t(), x, out_dtype=dweight.dtype) if _HAS_OUT_DTYPE
-                             else (dy.t().float() @ x.float()).to(dweight.dtype))
+                dweight.add_((dy.t().float() @ x.float()).to(dweight.dtype))
         if dbias is not None:
             dbias.add_(dy.sum(0, dtype=torch.float32).to(dbias.dtype))
 
