@@ -236,3 +236,25 @@ def test_in_place_edit_of_saved_input_is_caught():
     with pytest.raises(RuntimeError, match="modified in place"):
         twobp.backward_p2(m)
     twobp.default_store().clear()
+
+
+def test_backend_switch_dispatches_to_the_kernels(monkeypatch):
+    """The triton backend must really launch kernels/linear.py (not fall back silently)."""
+    from twobp.kernels import linear as kl
+
+    calls = []
+    for name in ("linear_fwd", "linear_dx", "linear_dw"):
+        real = getattr(kl, name)
+        monkeypatch.setattr(kl, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    m = twobp.TwoBPLinear(5, 3)
+    x = torch.randn(4, 5, requires_grad=True)
+    with twobp.use_backend("triton"):
+        with twobp.split_backward(microbatch=0):
+            y = m(x)
+        y.sum().backward()
+        twobp.backward_p2(m)
+    assert calls == ["linear_fwd", "linear_dx", "linear_dw"]
+    calls.clear()
+    with twobp.use_backend("torch"):
+        m(x).sum().backward()
+    assert calls == []
