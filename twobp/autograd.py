@@ -10,8 +10,8 @@ backward:
   ``(owner, i)``. Backward runs p1, frees the p1 set, deposits dy, and returns *no*
   parameter gradients; :func:`twobp.backward_p2` runs p2 later.
 
-Saved tensors are held detached, so the store (not the autograd graph) owns their
-lifetime, and the graph is freed by backward as usual: there is no ``retain_graph``.
+In a split region, saved tensors are held detached, so the store (not the autograd graph)
+owns their lifetime; the graph is freed by p1 as usual and there is no ``retain_graph``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .ops.base import SplitOp
 from .split import current_split
-from .store import Entry, check_versions, record_versions
+from .store import Entry
 
 __all__ = ["split_apply"]
 
@@ -46,35 +46,38 @@ class _SplitFunction(torch.autograd.Function):
             ctx.entry = split.store.open(owner=owner, label=label, microbatch=split.microbatch, op=op,
                                          params=params, param_mask=p_needs, p1=p1, p2=p2)
         else:
+            # Plain autograd semantics: saved through save_for_backward, so version checks,
+            # retain_graph and torch.distributed.pipelining's split backward all work.
             ctx.entry = None
-            ctx.p1, ctx.p2 = p1, p2
-            ctx.versions = record_versions(p1, p2)
-            ctx.label = label
+            ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
+            ctx.save_for_backward(*p1.values(), *p2.values())
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         op: SplitOp = ctx.op
         entry: Entry | None = ctx.entry
+        n_in = len(ctx.in_needs)
         if entry is not None:
             p1 = entry.take_p1()
+            in_needs = ctx.in_needs
         else:
-            p1 = ctx.p1
-            check_versions(p1, ctx.versions, ctx.label)
-            ctx.p1 = None
-        dx = (op.input_grads(dy, p1, ctx.params, ctx.in_needs)
-              if any(ctx.in_needs) else (None,) * len(ctx.in_needs))
+            saved = ctx.saved_tensors
+            n1 = len(ctx.p1_keys)
+            p1 = dict(zip(ctx.p1_keys, saved[:n1]))
+            p2 = dict(zip(ctx.p2_keys, saved[n1:]))
+            # autograd.grad(..., inputs=...) may ask for a subset: compute only that
+            in_needs = tuple(ctx.needs_input_grad[4:4 + n_in])
+        dx = op.input_grads(dy, p1, ctx.params, in_needs) if any(in_needs) else (None,) * n_in
         del p1
         if entry is not None:
             # p2 happens later: keep dy for it, row-contiguous so batched p2 reads it in place.
             entry.deposit_dy(dy.detach().contiguous())
-            pgrads: Sequence[Tensor | None] = (None,) * len(ctx.params)
-        else:
-            pgrads = [torch.zeros_like(p) if need else None for p, need in zip(ctx.params, ctx.p_needs)]
-            if any(ctx.p_needs):
-                check_versions(ctx.p2, ctx.versions, ctx.label)
-                op.param_grads([dy.contiguous()], [ctx.p2], pgrads)
-            ctx.p2 = None
+            return (None, None, None, None, *dx, *((None,) * len(ctx.params)))
+        p_needs = tuple(ctx.needs_input_grad[4 + n_in:])
+        pgrads = [torch.zeros_like(p) if need else None for p, need in zip(ctx.params, p_needs)]
+        if any(p_needs):
+            op.param_grads([dy.contiguous()], [p2], pgrads)
         return (None, None, None, None, *dx, *pgrads)
 
 

@@ -258,3 +258,24 @@ def test_backend_switch_dispatches_to_the_kernels(monkeypatch):
     with twobp.use_backend("torch"):
         m(x).sum().backward()
     assert calls == []
+
+
+def test_normal_mode_keeps_autograd_semantics():
+    """Outside a split region: retain_graph, autograd.grad on a subset, and in-place checks
+    behave as with nn.Linear (torch.distributed.pipelining relies on the first two)."""
+    ref, m = _pair(6, 4, True, torch.float32)
+    x = torch.randn(3, 6, requires_grad=True)
+    y, y_ref = m(x), ref(x)
+    dy = torch.randn(3, 4)
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy, retain_graph=True)
+    assert m.weight.grad is None
+    dw, db = torch.autograd.grad(y, [m.weight, m.bias], dy)
+    dw_ref, db_ref = torch.autograd.grad(y_ref, [ref.weight, ref.bias], dy)
+    for a, b in ((dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        assert_close(a, b.double())
+    x2 = torch.randn(3, 6)
+    y = m(x2)
+    x2.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
