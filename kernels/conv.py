@@ -1,0 +1,888 @@
+"""Conv2d for 2BP: forward, p1 (dX) and p2 (dW, db) as separately launchable Triton kernels.
+
+Math
+----
+x [N, C, H, W] (NCHW by shape, any strides), W [O, C, KH, KW], b [O]; stride (sh, sw),
+dilation (dh, dw), zero padding pt / pb rows above / below and pl / pr columns left / right;
+groups = 1. y and dy are [N, O, OH, OW] with
+
+    OH = (H + pt + pb - dh·(KH - 1) - 1) // sh + 1          (OW likewise)
+
+and output row oh reads, through tap kh, the input row ih = oh·sh - pt + kh·dh (zero when
+outside [0, H)); columns likewise.
+
+    forward  y[n, o, oh, ow]  = b[o] + Σ_{c, kh, kw} x[n, c, ih, iw] · W[o, c, kh, kw]
+    p1       dx[n, c, ih, iw] = Σ_{o, kh, kw} dy[n, o, oh, ow] · W[o, c, kh, kw]
+                 over the taps for which oh = (ih + pt - kh·dh) / sh is an integer in [0, OH)
+                 (and ow likewise): the transposed convolution, written as a gather
+    p2       dW[o, c, kh, kw] += Σ_i Σ_{n, oh, ow} dy_i[n, o, oh, ow] · x_i[n, c, ih, iw]
+             db[o]            += Σ_i Σ_{n, oh, ow} dy_i[n, o, oh, ow]
+
+p2 may cover k micro-batches i = 1..k at once (their batch sizes N_i may differ); its
+reduction then runs over Σ_i N_i·OH·OW output pixels, in one launch, without concatenating.
+
+All three are implicit GEMMs: the im2col matrix is never formed; each kernel computes the
+addresses of its entries and masks the padding.
+
+                 rows             columns          reduction
+    forward      N·OH·OW pixels   O                C·KH·KW
+    p1 (dX)      N·H·W pixels     C                O·KH·KW (the taps that land, see above)
+    p2 (dW)      O                C·KH·KW          Σ_i N_i·OH·OW pixels
+
+Cost: each is 2·N·OH·OW·O·C·KH·KW FLOPs (`conv2d_flops`; the bias is not counted). Minimum
+bytes: forward reads x and W and writes y; p1 reads dy and W and writes dx; p2 reads x and dy
+and reads and writes dW (and db).
+
+Memory in 2BP
+-------------
+Between p1 and p2 a conv layer keeps x_i and dy_i of every pending micro-batch alive
+(N·C·H·W + N·O·OH·OW elements each), while what p2 produces, dW, is only O·C·KH·KW. For the
+convolutions of a CNN the kept activations are typically 10-1000x the weight: this is the
+extra memory the paper reports for ResNet (its Table 2), and the store counts it as it is.
+
+Precision: fp32 accumulation everywhere. y and dx are written in the input dtype; dW and db
+are read, added to and written back in their own dtype, the input dtype or fp32 (master
+gradients for fp16 / bf16 activations). fp32 operands use TF32 tensor cores when
+`torch.backends.cudnn.allow_tf32` is set (torch's default for convolutions, so the kernels
+round like cuDNN does), exact fp32 products ("ieee") otherwise.
+
+Design
+------
+- Loop order: every kernel walks the taps (kh, kw) in its outer loops and the channels in
+  BLOCK_SIZE_K chunks inside, so the spatial address and padding mask of a row are computed
+  once per tap, and a 1x1 convolution is a plain GEMM over channels. A small channel count
+  (the 3 of an RGB stem) wastes most of each BLOCK_SIZE_K chunk; such layers are a small share
+  of a network's FLOPs.
+- p1 gathers: each program owns one [BLOCK_SIZE_M pixels, BLOCK_SIZE_N channels] tile of dx
+  and reads the dy entries and weight taps that reach it, so there are no atomics and no
+  zero-fill. With stride s > 1 only one tap in s (per axis) lands on a given input pixel; the
+  kernel masks the others, which wastes up to (1 - 1/(sh·sw)) of its tensor-core work. The
+  alternative, one launch per stride phase (dense sub-convolutions), removes the waste at
+  the price of sh·sw launches; the masked gather keeps one launch on the critical path.
+- p2 is output-stationary with an optional split of the pixel reduction ("split-K"): each
+  program owns one [BLOCK_SIZE_M out channels, BLOCK_SIZE_N in channels] tile of one tap of
+  dW, and walks every micro-batch's pixels (a 1/SPLIT share of them). Conv weights are small
+  next to their activations (early ResNet layers: a 64x64x3x3 weight, 9 tiles of 64x64, and
+  a reduction over millions of pixels), so without the split most of the GPU would idle.
+  With SPLIT = 1 a program adds its tile straight into dW (read, add, write once). With
+  SPLIT > 1 the programs write fp32 partial tiles to a [SPLIT, O, C, KH, KW] workspace and a
+  second small kernel sums them in a fixed order and adds the result into dW: deterministic,
+  no atomics. The launcher picks SPLIT from the tile count and the GPU's SM count.
+- db is fused into p2: the programs of the first in-channel tile of tap (0, 0) load every dy
+  entry of their out-channel slice anyway, so they also sum them and own db[slice].
+- Batched p2 does not concatenate: the launcher writes an int64 table on the device with the
+  addresses of x_i and dy_i and the batch size N_i; all micro-batches share channel, spatial
+  sizes and strides (contiguous NCHW ones do), and the kernel's outer loop walks the table.
+  One micro-batch skips the table.
+- Offsets that scale with the batch index are int64, so tensors past 2^31 elements are safe.
+
+Everything here is plain functions on tensors: no autograd, no modules, and no state besides
+Triton's autotune caches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["conv2d_fwd", "conv2d_dx", "conv2d_dw", "conv2d_flops", "conv2d_output_size"]
+
+
+def _interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (decided at import time)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        try:
+            return bool(knobs.runtime.interpret)
+        except AttributeError:  # a Triton without the runtime.interpret knob
+            pass
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRET = _interpreting()
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ----------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int | None = 8) -> triton.Config:
+    meta = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk}
+    if group is not None:
+        meta["GROUP_SIZE_M"] = group
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    # One config each, so the autotuner never benchmarks on the CPU. Tiles are small and not
+    # square, so a swapped stride or mask shows as a wrong answer; GROUP_SIZE_M 2 exercises
+    # ragged groups.
+    _FWD_CONFIGS = [_cfg(32, 16, 16, 4, 1, 2)]
+    _DX_CONFIGS = [_cfg(32, 16, 16, 4, 1, 2)]
+    _DW_CONFIGS = [_cfg(16, 16, 32, 4, 1, None)]
+    _REDUCE_BLOCK = 128
+else:
+    # Hopper / Ampere. BLOCK_SIZE_K is a channel chunk (fwd: in channels, dX: out channels);
+    # CNN channel counts are multiples of 32 past the stem.
+    _FWD_CONFIGS = [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(256, 64, 32, 8, 3),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 32, 4, 4),
+        _cfg(128, 32, 32, 4, 4),  # few out channels
+        _cfg(64, 64, 16, 4, 5),  # the stem: 3 in channels
+    ]
+    _DX_CONFIGS = _FWD_CONFIGS
+    # dW: the tile is BLOCK_SIZE_M out x BLOCK_SIZE_N in channels; BLOCK_SIZE_K is the pixel step.
+    _DW_CONFIGS = [
+        _cfg(128, 128, 32, 8, 3, None),
+        _cfg(128, 64, 64, 4, 3, None),
+        _cfg(64, 128, 64, 4, 3, None),
+        _cfg(64, 64, 64, 4, 4, None),
+        _cfg(64, 64, 32, 4, 5, None),
+        _cfg(32, 64, 64, 4, 4, None),
+        _cfg(64, 32, 64, 4, 4, None),
+    ]
+    _REDUCE_BLOCK = 1024
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: only fp32 operands have a choice; follow torch's conv TF32 switch."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _prune_gemm(configs, named_args, **_):
+    """Drop configs whose tile is far larger than the problem (saves autotuning time): a
+    block may exceed its dimension by less than 2x, with 32 (16 for channel chunks) as the
+    floor. Keeps at least the smallest config."""
+    limits = {"BLOCK_SIZE_M": max(32, triton.next_power_of_2(named_args["M"])),
+              "BLOCK_SIZE_N": max(32, triton.next_power_of_2(named_args["N"])),
+              "BLOCK_SIZE_K": max(16, triton.next_power_of_2(named_args["K_CHANNELS"]))}
+    kept = [c for c in configs if all(c.kwargs[k] <= v for k, v in limits.items())]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] * c.kwargs["BLOCK_SIZE_K"])]
+
+
+def _prune_dw(configs, named_args, **_):
+    """As _prune_gemm for dW: tiles no wider than the channel counts need."""
+    limits = {"BLOCK_SIZE_M": max(32, triton.next_power_of_2(named_args["O"])),
+              "BLOCK_SIZE_N": max(32, triton.next_power_of_2(named_args["C"]))}
+    kept = [c for c in configs if all(c.kwargs[k] <= v for k, v in limits.items())]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"])]
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP_SIZE: tl.constexpr):
+    """Map a linear program id to a (row block, column block) tile, GROUP_SIZE row blocks at a
+    time, so programs running together share the same column blocks (weights) in L2."""
+    num_pid_in_group = GROUP_SIZE * num_pid_cols
+    group_id = pid // num_pid_in_group
+    first_pid_row = group_id * GROUP_SIZE
+    group_rows = min(num_pid_rows - first_pid_row, GROUP_SIZE)  # the last group may be short
+    pid_row = first_pid_row + (pid % num_pid_in_group) % group_rows
+    pid_col = (pid % num_pid_in_group) // group_rows
+    return pid_row, pid_col
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,  # x [N, C, H, W], any strides
+    w_ptr,  # W [O, C, KH, KW], any strides
+    bias_ptr,  # b [O], added in the epilogue when HAS_BIAS; any valid pointer otherwise
+    y_ptr,  # y [N, O, OH, OW] output, written in its own dtype
+    M,  # GEMM rows: N·OH·OW output pixels
+    N,  # GEMM columns: O out channels
+    K_CHANNELS,  # C in channels (the reduction is C·KH·KW; used as an autotune key)
+    H, W,  # input height, width
+    OH, OW,  # output height, width
+    stride_xn, stride_xc, stride_xh, stride_xw,  # x strides, in elements
+    stride_wo, stride_wc, stride_wh, stride_ww,  # W strides
+    stride_bias,  # b stride
+    stride_yn, stride_yc, stride_yh, stride_yw,  # y strides
+    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width (the tap loops unroll)
+    STRIDE_H, STRIDE_W,  # conv stride
+    PAD_H, PAD_W,  # zero padding above / left of the input (below / right follow from OH, OW)
+    DIL_H, DIL_W,  # dilation
+    HAS_BIAS: tl.constexpr,  # add b in the epilogue
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands: "ieee" or "tf32"
+    BLOCK_SIZE_M: tl.constexpr,  # tile rows: output pixels
+    BLOCK_SIZE_N: tl.constexpr,  # tile columns: out channels
+    BLOCK_SIZE_K: tl.constexpr,  # reduction step: in channels per tap
+    GROUP_SIZE_M: tl.constexpr,  # row blocks per group in the tile order
+):
+    """y = conv(x, W) + b. One program per [BLOCK_SIZE_M pixels, BLOCK_SIZE_N out channels]
+    tile of y (pixels flattened as (n, oh, ow)); reduction over taps, then channel chunks."""
+    tl.static_assert(BLOCK_SIZE_M >= 16 and BLOCK_SIZE_N >= 16 and BLOCK_SIZE_K >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(GROUP_SIZE_M >= 1, "GROUP_SIZE_M counts row blocks")
+
+    pid = tl.program_id(axis=0)
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)  # output pixel (n, oh, ow) flattened
+    offs_o = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)  # out channel
+    offs_c = tl.arange(0, BLOCK_SIZE_K)  # in channel within a chunk
+    mask_m = offs_m < M
+    mask_o = offs_o < N
+
+    # (n, oh, ow) of each row; the batch offset in int64
+    n = offs_m // (OH * OW)
+    pix = offs_m % (OH * OW)
+    oh = pix // OW
+    ow = pix % OW
+    x_rows = x_ptr + n.to(tl.int64) * stride_xn  # [BM] pointers to x[n, 0, 0, 0]
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    w_cols = w_ptr + offs_o * stride_wo  # [BN] pointers to W[o, 0, 0, 0]
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * DIL_H
+        in_h = mask_m & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * DIL_W
+            in_hw = in_h & (iw >= 0) & (iw < W)  # [BM] the tap lands inside the input
+            x_tap = x_rows + ih * stride_xh + iw * stride_xw  # [BM] x[n, 0, ih, iw]
+            w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[o, 0, kh, kw]
+            for c0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
+                mask_c = offs_c < K_CHANNELS - c0
+                a = tl.load(x_tap[:, None] + (c0 + offs_c)[None, :] * stride_xc,
+                            mask=in_hw[:, None] & mask_c[None, :], other=0.0)  # [BM, BK]
+                b = tl.load(w_tap[None, :] + (c0 + offs_c)[:, None] * stride_wc,
+                            mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # [BK, BN]
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_o * stride_bias, mask=mask_o, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    y_rows = y_ptr + n.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw  # [BM]
+    y_ptrs = y_rows[:, None] + offs_o[None, :] * stride_yc
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(
+    dy_ptr,  # dy [N, O, OH, OW], any strides
+    w_ptr,  # W [O, C, KH, KW], any strides
+    dx_ptr,  # dx [N, C, H, W] output, written in its own dtype
+    M,  # GEMM rows: N·H·W input pixels
+    N,  # GEMM columns: C in channels
+    K_CHANNELS,  # O out channels (the reduction is O·KH·KW; used as an autotune key)
+    H, W,  # input height, width
+    OH, OW,  # output height, width
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,  # dy strides, in elements
+    stride_wo, stride_wc, stride_wh, stride_ww,  # W strides
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,  # dx strides
+    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width (the tap loops unroll)
+    STRIDE_H, STRIDE_W,  # conv stride
+    PAD_H, PAD_W,  # zero padding above / left of the input
+    DIL_H, DIL_W,  # dilation
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands: "ieee" or "tf32"
+    BLOCK_SIZE_M: tl.constexpr,  # tile rows: input pixels
+    BLOCK_SIZE_N: tl.constexpr,  # tile columns: in channels
+    BLOCK_SIZE_K: tl.constexpr,  # reduction step: out channels per tap
+    GROUP_SIZE_M: tl.constexpr,  # row blocks per group in the tile order
+):
+    """dx = conv_transpose(dy, W) as a gather. One program per [BLOCK_SIZE_M pixels,
+    BLOCK_SIZE_N in channels] tile of dx (pixels flattened as (n, ih, iw)); for each tap it
+    finds the output pixel that read this input pixel, if any, and reduces over out channels."""
+    tl.static_assert(BLOCK_SIZE_M >= 16 and BLOCK_SIZE_N >= 16 and BLOCK_SIZE_K >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(GROUP_SIZE_M >= 1, "GROUP_SIZE_M counts row blocks")
+
+    pid = tl.program_id(axis=0)
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_SIZE_M), tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)  # input pixel (n, ih, iw) flattened
+    offs_c = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)  # in channel
+    offs_o = tl.arange(0, BLOCK_SIZE_K)  # out channel within a chunk
+    mask_m = offs_m < M
+    mask_c = offs_c < N
+
+    n = offs_m // (H * W)
+    pix = offs_m % (H * W)
+    ih = pix // W
+    iw = pix % W
+    dy_rows = dy_ptr + n.to(tl.int64) * stride_dyn  # [BM] pointers to dy[n, 0, 0, 0]
+    w_cols = w_ptr + offs_c * stride_wc  # [BN] pointers to W[0, c, 0, 0]
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        # output row that reads input row ih through tap kh: oh·sh = ih + pt - kh·dh
+        th = ih + PAD_H - kh * DIL_H
+        th_c = tl.maximum(th, 0)  # division of negatives rounds differently per backend: avoid it
+        oh = th_c // STRIDE_H
+        hit_h = mask_m & (th >= 0) & (th_c - oh * STRIDE_H == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = iw + PAD_W - kw * DIL_W
+            tw_c = tl.maximum(tw, 0)
+            ow = tw_c // STRIDE_W
+            hit = hit_h & (tw >= 0) & (tw_c - ow * STRIDE_W == 0) & (ow < OW)  # [BM] the tap lands
+            dy_tap = dy_rows + oh * stride_dyh + ow * stride_dyw  # [BM] dy[n, 0, oh, ow]
+            w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[0, c, kh, kw]
+            for o0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
+                mask_o = offs_o < K_CHANNELS - o0
+                a = tl.load(dy_tap[:, None] + (o0 + offs_o)[None, :] * stride_dyc,
+                            mask=hit[:, None] & mask_o[None, :], other=0.0)  # [BM, BK]
+                b = tl.load(w_tap[None, :] + (o0 + offs_o)[:, None] * stride_wo,
+                            mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # [BK, BN]
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    dx_rows = dx_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw  # [BM]
+    dx_ptrs = dx_rows[:, None] + offs_c[None, :] * stride_dxc
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+
+# Columns of the micro-batch table read by _conv_dw_kernel, one int64 row per micro-batch.
+_MB_X, _MB_DY, _MB_BATCH, _MB_COLS = 0, 1, 2, 3  # _MB_COLS: entries per row
+
+
+@triton.jit
+def _conv_dw_kernel(
+    x_ptr,  # x [N, C, H, W] of the single micro-batch; with FROM_TABLE, x_0 (only its dtype is used)
+    dy_ptr,  # dy [N, O, OH, OW] likewise
+    dw_ptr,  # ACCUMULATE: dW [O, C, KH, KW] added into in its own dtype; else the fp32 workspace [SPLIT, O, C, KH, KW]
+    db_ptr,  # ACCUMULATE: db [O]; else the fp32 workspace [SPLIT, O]; used when HAS_BIAS
+    mb_table_ptr,  # int64 [num_mb, 3] with FROM_TABLE: x_i address, dy_i address, N_i
+    num_mb,  # micro-batches: rows in the table, 1 without it
+    N_BATCH,  # batch size of the single micro-batch; with FROM_TABLE, Σ_i N_i (autotune key only)
+    O,  # out channels: dW rows
+    C,  # in channels: dW columns (per tap)
+    H, W,  # input height, width
+    OH, OW,  # output height, width
+    stride_xn, stride_xc, stride_xh, stride_xw,  # x strides, shared by every micro-batch
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,  # dy strides, shared by every micro-batch
+    stride_dws, stride_dwo, stride_dwc, stride_dwh, stride_dww,  # dw_ptr strides (split, o, c, kh, kw)
+    stride_dbs, stride_dbo,  # db_ptr strides (split, o)
+    KW: tl.constexpr,  # kernel width (the tap is decoded from the program id)
+    STRIDE_H, STRIDE_W,  # conv stride
+    PAD_H, PAD_W,  # zero padding above / left of the input
+    DIL_H, DIL_W,  # dilation
+    SPLIT,  # programs sharing the pixel reduction of one dW tile (grid axis 1)
+    HAS_BIAS: tl.constexpr,  # also reduce db
+    FROM_TABLE: tl.constexpr,  # read the micro-batches from mb_table_ptr instead of x_ptr / dy_ptr
+    ACCUMULATE: tl.constexpr,  # SPLIT == 1: add into dW / db; else overwrite this split's workspace slice
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands: "ieee" or "tf32"
+    BLOCK_SIZE_M: tl.constexpr,  # dW tile rows: out channels
+    BLOCK_SIZE_N: tl.constexpr,  # dW tile columns: in channels
+    BLOCK_SIZE_K: tl.constexpr,  # reduction step: output pixels
+):
+    """dW[o-tile, c-tile, kh, kw] (+)= Σ_i Σ_pixels dy_iᵀ x_i-at-the-tap, over the pixel chunks
+    pid_s, pid_s + SPLIT, ... of every micro-batch. Grid: (O tiles · C tiles · KH·KW, SPLIT).
+    The programs of in-channel tile 0 at tap (0, 0) also own db[o-tile]."""
+    tl.static_assert(BLOCK_SIZE_M >= 16 and BLOCK_SIZE_N >= 16 and BLOCK_SIZE_K >= 16, "tl.dot needs tiles of at least 16")
+
+    pid = tl.program_id(axis=0)
+    pid_s = tl.program_id(axis=1)
+    num_pid_o = tl.cdiv(O, BLOCK_SIZE_M)
+    num_pid_c = tl.cdiv(C, BLOCK_SIZE_N)
+    # o-tile fastest: neighbouring programs share the x tile of one (tap, c-tile) in L2
+    pid_o = pid % num_pid_o
+    pid_c = (pid // num_pid_o) % num_pid_c
+    tap = pid // (num_pid_o * num_pid_c)
+    kh = tap // KW
+    kw = tap % KW
+    owns_db = (pid_c == 0) & (tap == 0)  # meaningful only when HAS_BIAS
+
+    offs_o = pid_o * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)  # out channel
+    offs_c = pid_c * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)  # in channel
+    offs_p = tl.arange(0, BLOCK_SIZE_K)  # output pixel within a chunk
+    mask_o = offs_o < O
+    mask_c = offs_c < C
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)
+    for i in range(num_mb):
+        if FROM_TABLE:
+            entry = mb_table_ptr + i * 3  # 3 == _MB_COLS; entries in _MB_* order
+            x_base = tl.load(entry + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
+            dy_base = tl.load(entry + 1).to(tl.pointer_type(dy_ptr.dtype.element_ty))
+            pixels = tl.load(entry + 2).to(tl.int32) * (OH * OW)
+        else:
+            x_base = x_ptr
+            dy_base = dy_ptr
+            pixels = N_BATCH * (OH * OW)
+        for p0 in range(pid_s * BLOCK_SIZE_K, pixels, SPLIT * BLOCK_SIZE_K):
+            p = p0 + offs_p  # output pixel (n, oh, ow) flattened
+            mask_p = p < pixels
+            n = p // (OH * OW)
+            pix = p % (OH * OW)
+            oh = pix // OW
+            ow = pix % OW
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            in_hw = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            dy_cols = dy_base + n.to(tl.int64) * stride_dyn + oh * stride_dyh + ow * stride_dyw  # [BK]
+            x_rows = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
+            g = tl.load(dy_cols[None, :] + offs_o[:, None] * stride_dyc,
+                        mask=mask_o[:, None] & mask_p[None, :], other=0.0)  # [BM, BK] dy, o x pixel
+            a = tl.load(x_rows[:, None] + offs_c[None, :] * stride_xc,
+                        mask=in_hw[:, None] & mask_c[None, :], other=0.0)  # [BK, BN] x, pixel x c
+            acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                if owns_db:
+                    db_acc += tl.sum(g.to(tl.float32), axis=1)
+
+    if ACCUMULATE:
+        split_off = 0
+    else:
+        split_off = pid_s.to(tl.int64) * stride_dws
+    dw_ptrs = (dw_ptr + split_off + kh * stride_dwh + kw * stride_dww
+               + offs_o[:, None] * stride_dwo + offs_c[None, :] * stride_dwc)
+    mask = mask_o[:, None] & mask_c[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dw_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        if owns_db:
+            if ACCUMULATE:
+                db_ptrs = db_ptr + offs_o * stride_dbo
+                db_acc += tl.load(db_ptrs, mask=mask_o, other=0.0).to(tl.float32)
+            else:
+                db_ptrs = db_ptr + pid_s * stride_dbs + offs_o * stride_dbo
+            tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def _sum_splits(ws_ptr, out_ptr, offs, mask, out_offs, SPLIT, stride_ws, BLOCK: tl.constexpr):
+    """out[out_offs] += Σ_s ws[s, offs] in fp32, s in order (deterministic)."""
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        total += tl.load(ws_ptr + s * stride_ws + offs, mask=mask, other=0.0)
+    old = tl.load(out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offs, (old + total).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_dw_reduce_kernel(
+    ws_w_ptr,  # fp32 workspace [SPLIT, O, C, KH, KW], contiguous
+    ws_b_ptr,  # fp32 workspace [SPLIT, O], contiguous; used when HAS_BIAS
+    dw_ptr,  # dW [O, C, KH, KW] accumulated into, in its own dtype
+    db_ptr,  # db [O] accumulated into when HAS_BIAS
+    O, C,  # out, in channels
+    KH, KW,  # kernel height, width
+    SPLIT,  # workspace slices to sum
+    stride_dwo, stride_dwc, stride_dwh, stride_dww,  # dW strides
+    stride_db,  # db stride
+    HAS_BIAS: tl.constexpr,  # also reduce db
+    BLOCK: tl.constexpr,  # elements per program
+):
+    """Second pass of split p2: dW += Σ_s ws_w[s] and db += Σ_s ws_b[s]. The first
+    cdiv(O·C·KH·KW, BLOCK) programs reduce dW, the rest (when HAS_BIAS) db."""
+    pid = tl.program_id(axis=0)
+    numel_w = O * C * KH * KW
+    num_w_programs = tl.cdiv(numel_w, BLOCK)
+    if pid < num_w_programs:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)  # flat index into the contiguous workspace slice
+        kw = offs % KW
+        kh = (offs // KW) % KH
+        c = (offs // (KW * KH)) % C
+        o = offs // (KW * KH * C)
+        out_offs = o * stride_dwo + c * stride_dwc + kh * stride_dwh + kw * stride_dww
+        _sum_splits(ws_w_ptr, dw_ptr, offs, offs < numel_w, out_offs, SPLIT, numel_w, BLOCK)
+    elif HAS_BIAS:
+        offs = (pid - num_w_programs) * BLOCK + tl.arange(0, BLOCK)
+        _sum_splits(ws_b_ptr, db_ptr, offs, offs < O, offs * stride_db, SPLIT, O, BLOCK)
+
+
+_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["M", "N", "K_CHANNELS", "KH", "KW", "STRIDE_H", "STRIDE_W"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)(_conv_fwd_kernel)
+_dx_tuned = triton.autotune(
+    configs=_DX_CONFIGS,
+    key=["M", "N", "K_CHANNELS", "KH", "KW", "STRIDE_H", "STRIDE_W"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)(_conv_dx_kernel)
+# Autotuning runs the kernel several times; with ACCUMULATE it adds into dW / db, so restore them.
+_dw_tuned = triton.autotune(
+    configs=_DW_CONFIGS,
+    key=["N_BATCH", "O", "C", "H", "W", "KW", "STRIDE_H", "SPLIT", "FROM_TABLE"],
+    prune_configs_by={"early_config_prune": _prune_dw},
+    restore_value=["dw_ptr", "db_ptr"],
+)(_conv_dw_kernel)
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry and validation helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _pair(name: str, v, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if (not isinstance(vals, (tuple, list)) or len(vals) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in vals)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(vals) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both dims, got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def _padding4(padding) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) from an int, (pad_h, pad_w), or ((top, bottom), (left, right))."""
+    if (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(isinstance(p, (tuple, list)) for p in padding)):
+        (top, bottom), (left, right) = _pair("padding[0]", tuple(padding[0]), 0), _pair("padding[1]", tuple(padding[1]), 0)
+        return top, bottom, left, right
+    if isinstance(padding, str):
+        raise TypeError(f"padding {padding!r}: the launchers take explicit ints (pad_h, pad_w) or "
+                        "((top, bottom), (left, right)); resolve 'same' / 'valid' first (Conv2dOp does)")
+    ph, pw = _pair("padding", padding, 0)
+    return ph, ph, pw, pw
+
+
+def conv2d_output_size(input_hw: tuple[int, int], kernel_hw: tuple[int, int], *, stride, padding,
+                       dilation) -> tuple[int, int]:
+    """(OH, OW) of a convolution; padding as the launchers take it (ints or per-side pairs)."""
+    sh, sw = _pair("stride", stride, 1)
+    dh, dw = _pair("dilation", dilation, 1)
+    top, bottom, left, right = _padding4(padding)
+    (h, w), (kh, kw) = input_hw, kernel_hw
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+
+def conv2d_flops(n: int, o: int, c: int, oh: int, ow: int, kh: int, kw: int) -> int:
+    """FLOPs of one of the three conv GEMMs (forward, dX or dW): 2·N·OH·OW·O·C·KH·KW.
+
+    A multiply-add counts as two FLOPs; the bias is not counted. For dX with stride > 1
+    this is the useful work; the kernel's masked gather issues up to sh·sw times as much.
+    """
+    return 2 * n * oh * ow * o * c * kh * kw
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation, *, what: str):
+    """Validated geometry: ((sh, sw), (top, bottom, left, right), (dh, dw), (OH, OW))."""
+    sh_sw = _pair("stride", stride, 1)
+    dil = _pair("dilation", dilation, 1)
+    pad = _padding4(padding)
+    n, c, h, w = x_shape
+    o, wc, kh, kw = w_shape
+    if wc != c:
+        hint = (f" (grouped convolution, groups={c // wc}, is not supported: groups must be 1)"
+                if wc > 0 and c % wc == 0 and wc != c else "")
+        raise ValueError(f"{what}: weight has shape {tuple(w_shape)}, expected [O, {c}, KH, KW] to match the "
+                         f"input's {c} channels{hint}")
+    oh, ow = conv2d_output_size((h, w), (kh, kw), stride=sh_sw, padding=((pad[0], pad[1]), (pad[2], pad[3])),
+                                dilation=dil)
+    if oh < 1 or ow < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"{what}: input {h}x{w} with padding {pad} (top, bottom, left, right) is smaller than the "
+                         f"dilated kernel {kh}x{kw} (dilation {dil}): output would be {oh}x{ow}; pad more or "
+                         "use a smaller kernel")
+    return sh_sw, pad, dil, (oh, ow)
+
+
+def _check_tensor(name: str, t, ndim: int, hint: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}{hint}")
+
+
+def _check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype], why: str) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {names} ({why})")
+
+
+def _check_devices(**tensors: torch.Tensor | None) -> torch.device:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}; move them with .to(device)")
+    device = next(iter(devices))
+    if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
+        raise ValueError(
+            f"tensors are on {device}: the Triton conv kernels need CUDA tensors, or CPU tensors with "
+            "TRITON_INTERPRET=1 set before triton is imported (otherwise use the torch reference backend)")
+    return device
+
+
+_NCHW = " (expected [N, C, H, W]; add a batch dim with x.unsqueeze(0))"
+_OCKK = " (expected [out_channels, in_channels, KH, KW])"
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """y = conv2d(x, W) + b (groups = 1, zero padding), fp32 accumulation, bias in the epilogue.
+
+    Args:
+        x: [N, C, H, W] fp16, bf16 or fp32, any strides.
+        weight: [O, C, KH, KW], x's dtype, any strides.
+        bias: [O], x's dtype, or None.
+        stride, dilation: int or (h, w), >= 1.
+        padding: int, (pad_h, pad_w), or ((top, bottom), (left, right)) for asymmetric zero padding.
+
+    Returns:
+        y [N, O, OH, OW] (contiguous) in x's dtype.
+    """
+    _check_tensor("x", x, 4, _NCHW)
+    _check_tensor("weight", weight, 4, _OCKK)
+    if bias is not None:
+        _check_tensor("bias", bias, 1, " (expected [out_channels])")
+    _check_dtype("x", x, _DTYPES, "supported by the kernels")
+    (sh, sw), (top, _, left, _), (dh, dw), (oh, ow) = _geometry(
+        x.shape, weight.shape, stride, padding, dilation, what="conv2d_fwd")
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    if bias is not None and bias.shape[0] != o:
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({o},) to match weight of shape {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+    _check_devices(x=x, weight=weight, bias=bias)
+    y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
+    m = n * oh * ow
+    if m == 0 or o == 0:
+        return y
+    if c == 0:  # an empty sum: y is the bias (or zero)
+        y.copy_(bias.view(1, o, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_SIZE_M"]) * triton.cdiv(o, meta["BLOCK_SIZE_N"]),)
+
+    _fwd_tuned[grid](
+        x, weight, bias if bias is not None else y, y,
+        m, o, c, h, w, oh, ow,
+        *x.stride(), *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        kh, kw, sh, sw, top, left, dh, dw,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    return y
+
+
+def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, padding=0,
+              dilation=1) -> torch.Tensor:
+    """p1: dx = the gradient of conv2d's input, as a gather (no atomics), fp32 accumulation.
+
+    Args:
+        dy: [N, O, OH, OW] fp16, bf16 or fp32, any strides; OH, OW must be the output size of
+            ``input_shape`` under the given geometry.
+        weight: [O, C, KH, KW], dy's dtype, any strides.
+        input_shape: (N, C, H, W) of the forward's input (several H give the same OH when the
+            stride exceeds 1, so it cannot be inferred).
+        stride, padding, dilation: as for :func:`conv2d_fwd`.
+
+    Returns:
+        dx [N, C, H, W] (contiguous) in dy's dtype.
+    """
+    _check_tensor("dy", dy, 4, " (expected [N, O, OH, OW])")
+    _check_tensor("weight", weight, 4, _OCKK)
+    _check_dtype("dy", dy, _DTYPES, "supported by the kernels")
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise TypeError(f"input_shape must be a sequence of 4 ints (N, C, H, W), got {input_shape!r}") from None
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"input_shape must be 4 non-negative ints (N, C, H, W), got {input_shape!r}")
+    (sh, sw), (top, _, left, _), (dh, dw), (oh, ow) = _geometry(
+        shape, weight.shape, stride, padding, dilation, what="conv2d_dx")
+    n, c, h, w = shape
+    o, _, kh, kw = weight.shape
+    if tuple(dy.shape) != (n, o, oh, ow):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(n, o, oh, ow)} for input_shape {shape}, "
+                         f"weight {tuple(weight.shape)}, stride {stride}, padding {padding}, dilation {dilation}")
+    if weight.dtype != dy.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but dy has {dy.dtype}; cast them to one dtype")
+    _check_devices(dy=dy, weight=weight)
+    dx = torch.empty(shape, dtype=dy.dtype, device=dy.device)
+    m = n * h * w
+    if m == 0 or c == 0:
+        return dx
+    if o == 0:
+        return dx.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_SIZE_M"]) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),)
+
+    _dx_tuned[grid](
+        dy, weight, dx,
+        m, c, o, h, w, oh, ow,
+        *dy.stride(), *weight.stride(), *dx.stride(),
+        kh, kw, sh, sw, top, left, dh, dw,
+        INPUT_PRECISION=_input_precision(dy.dtype),
+    )
+    return dx
+
+
+def _as_list(name: str, v) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
+        return list(v)
+    raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(v).__name__}")
+
+
+def _shared_strides(name: str, tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """One set of strides valid for every micro-batch, or a ValueError naming the fix.
+
+    A dim of size 1 is only ever indexed at 0, so its stride does not matter; the batch
+    dim's size may differ between micro-batches, so its stride comes from one of size > 1.
+    """
+    ref = list(tensors[0].stride())
+    for d in range(4):
+        for t in tensors:
+            if t.shape[d] > 1:
+                ref[d] = t.stride(d)
+                break
+    for i, t in enumerate(tensors):
+        for d in range(4):
+            if t.shape[d] > 1 and t.stride(d) != ref[d]:
+                label = name if len(tensors) == 1 else f"{name}[{i}]"
+                raise ValueError(f"{label} has strides {t.stride()} but another micro-batch has {tuple(ref)}; the "
+                                 f"batched kernel reads every micro-batch with one set of strides: pass "
+                                 f".contiguous() tensors for all of them")
+    return tuple(ref)
+
+
+def _pick_split(o: int, c: int, taps: int, max_pixels: int, device: torch.device) -> int:
+    """Programs per dW tile: enough to give every SM about two programs, each reducing at
+    least 512 pixels; 1 when the weight alone fills the GPU (or under the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(o, 64) * triton.cdiv(c, 64) * taps  # at a typical 64x64 tile
+    want = triton.cdiv(2 * sms, tiles)
+    return max(1, min(want, 64, triton.cdiv(max_pixels, 512)))
+
+
+def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Sequence[torch.Tensor],
+              dweight: torch.Tensor, dbias: torch.Tensor | None = None, *, stride=1, padding=0,
+              dilation=1, split: int | None = None) -> None:
+    """p2: dW += Σ_i Σ_pixels dy_i ⋆ x_i and db += Σ_i Σ_pixels dy_i, over k micro-batches in one launch.
+
+    Args:
+        x: x [N, C, H, W], or a sequence of k micro-batches x_i [N_i, C, H, W] (batch sizes may
+            differ). All must share one set of strides (any contiguous NCHW or channels-last
+            tensors of the same C, H, W do); they are not concatenated.
+        dy: dy [N, O, OH, OW], or a sequence of dy_i [N_i, O, OH, OW] matching ``x``; x's dtype,
+            one set of strides likewise.
+        dweight: [O, C, KH, KW] gradient accumulated into, in x's dtype or fp32, any strides.
+        dbias: [O] gradient accumulated into, in x's dtype or fp32, or None to skip db.
+        stride, padding, dilation: as for :func:`conv2d_fwd`.
+        split: programs sharing one dW tile's pixel reduction (>= 1); None picks it from the
+            problem size and the GPU (see the module docstring). Any value gives the same
+            result up to summation order.
+    """
+    xs, dys = _as_list("x", x), _as_list("dy", dy)
+    if isinstance(x, torch.Tensor) != isinstance(dy, torch.Tensor):
+        raise TypeError("x and dy must both be tensors or both be sequences of tensors")
+    if len(xs) != len(dys):
+        raise ValueError(f"x has {len(xs)} micro-batches but dy has {len(dys)}; pass one dy per x")
+    if not xs:
+        raise ValueError("x and dy are empty sequences; pass at least one micro-batch")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"split must be a positive int or None (automatic), got {split!r}")
+    _check_tensor("dweight", dweight, 4, _OCKK)
+    o, c, kh, kw = dweight.shape
+    single = isinstance(x, torch.Tensor)
+    geometry = None
+    for i, (xi, dyi) in enumerate(zip(xs, dys)):
+        sx, sdy = ("x", "dy") if single else (f"x[{i}]", f"dy[{i}]")
+        _check_tensor(sx, xi, 4, _NCHW)
+        _check_tensor(sdy, dyi, 4, " (expected [N, O, OH, OW])")
+        geometry = _geometry(xi.shape, dweight.shape, stride, padding, dilation, what="conv2d_dw")
+        oh, ow = geometry[3]
+        expect = (xi.shape[0], o, oh, ow)
+        if tuple(dyi.shape) != expect:
+            raise ValueError(f"{sdy} has shape {tuple(dyi.shape)}, expected {expect} to match {sx} of shape "
+                             f"{tuple(xi.shape)}, dweight {tuple(dweight.shape)} and the conv geometry")
+        _check_dtype(sx, xi, _DTYPES, "supported by the kernels")
+        if xi.dtype != xs[0].dtype or dyi.dtype != xs[0].dtype:
+            raise TypeError(f"{sx} has dtype {xi.dtype} and {sdy} has {dyi.dtype}, expected {xs[0].dtype} "
+                            "for every x and dy; cast them to one dtype")
+        if xi.shape[1:] != xs[0].shape[1:]:
+            raise ValueError(f"{sx} has shape {tuple(xi.shape)} but x[0] has {tuple(xs[0].shape)}; micro-batches "
+                             "may differ in batch size only")
+    (sh, sw), (top, _, left, _), (dh, dw), (oh, ow) = geometry
+    dtype = xs[0].dtype
+    grad_dtypes = (dtype, torch.float32)
+    _check_dtype("dweight", dweight, grad_dtypes, "the input dtype or fp32 master gradients")
+    if dbias is not None:
+        _check_tensor("dbias", dbias, 1, " (expected [out_channels])")
+        if dbias.shape[0] != o:
+            raise ValueError(f"dbias has shape {tuple(dbias.shape)}, expected ({o},) to match dweight of shape "
+                             f"{tuple(dweight.shape)}")
+        _check_dtype("dbias", dbias, grad_dtypes, "the input dtype or fp32 master gradients")
+    device = _check_devices(dweight=dweight, dbias=dbias, **{f"x[{i}]": t for i, t in enumerate(xs)},
+                            **{f"dy[{i}]": t for i, t in enumerate(dys)})
+
+    live = [(xi, dyi) for xi, dyi in zip(xs, dys) if xi.shape[0] > 0]
+    if not live or o == 0 or c == 0:
+        return  # nothing to add
+    x_strides = _shared_strides("x", [xi for xi, _ in live])
+    dy_strides = _shared_strides("dy", [dyi for _, dyi in live])
+    h, w = xs[0].shape[2:]
+    batch_total = sum(xi.shape[0] for xi, _ in live)
+    max_pixels = max(xi.shape[0] for xi, _ in live) * oh * ow
+    split = split if split is not None else _pick_split(o, c, kh * kw, max_pixels, device)
+
+    x0, dy0 = live[0]
+    if len(live) == 1:
+        table = None
+    else:
+        rows = [[xi.data_ptr(), dyi.data_ptr(), xi.shape[0]] for xi, dyi in live]
+        table = torch.tensor(rows, dtype=torch.int64, device=device)  # [num_mb, _MB_COLS]
+
+    accumulate = split == 1
+    if accumulate:
+        out_w, out_b = dweight, dbias
+        w_strides = (0, *dweight.stride())
+        b_strides = (0, dbias.stride(0) if dbias is not None else 0)
+    else:
+        out_w = torch.empty((split, o, c, kh, kw), dtype=torch.float32, device=device)  # every element written
+        out_b = torch.empty((split, o), dtype=torch.float32, device=device) if dbias is not None else None
+        w_strides = out_w.stride()
+        b_strides = out_b.stride() if out_b is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(o, meta["BLOCK_SIZE_M"]) * triton.cdiv(c, meta["BLOCK_SIZE_N"]) * kh * kw, split)
+
+    _dw_tuned[grid](
+        x0, dy0, out_w, out_b if out_b is not None else out_w,
+        table if table is not None else out_w, len(live),
+        x0.shape[0] if table is None else batch_total,
+        o, c, h, w, oh, ow,
+        *x_strides, *dy_strides,
+        *w_strides, *b_strides,
+        kw, sh, sw, top, left, dh, dw,
+        split,
+        HAS_BIAS=dbias is not None,
+        FROM_TABLE=table is not None,
+        ACCUMULATE=accumulate,
+        INPUT_PRECISION=_input_precision(dtype),
+    )
+    if not accumulate:
+        programs = triton.cdiv(o * c * kh * kw, _REDUCE_BLOCK) + (triton.cdiv(o, _REDUCE_BLOCK) if dbias is not None else 0)
+        _conv_dw_reduce_kernel[(programs,)](
+            out_w, out_b if out_b is not None else out_w, dweight, dbias if dbias is not None else dweight,
+            o, c, kh, kw, split,
+            *dweight.stride(), dbias.stride(0) if dbias is not None else 0,
+            HAS_BIAS=dbias is not None,
+            BLOCK=_REDUCE_BLOCK,
+        )
