@@ -1,0 +1,89 @@
+"""TwoBPLayerNorm and TwoBPRMSNorm: nn.LayerNorm / nn.RMSNorm whose backward can be split.
+
+Both normalize over the last dim only (a 1-D ``normalized_shape``). Outside a split region
+they are their torch twins; inside ``twobp.split_backward`` their backward computes dX only
+and dγ (dβ) wait for ``twobp.backward_p2``. What each call keeps, and until when, is in
+:mod:`twobp.ops.norm`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.norm import LayerNormOp, RMSNormOp
+from .base import TwoBPModule
+
+__all__ = ["TwoBPLayerNorm", "TwoBPRMSNorm"]
+
+
+def _check_last_dim_only(cls: str, normalized_shape) -> None:
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+    if len(shape) != 1:
+        hint = (f"; flatten those dims into one (x.flatten(-{len(shape)}), normalized_shape={math.prod(shape)})"
+                if len(shape) > 1 else "")
+        raise NotImplementedError(
+            f"{cls} normalizes over the last dim only (a 1-D normalized_shape), got "
+            f"normalized_shape={shape}{hint}, or keep the torch module")
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_eps_in_opmath() -> bool:
+    """Whether this torch's RMSNorm(eps=None) uses the epsilon of the opmath type (fp32 for
+    fp16 / bf16 inputs, newer torch) rather than of the input dtype (older torch). Probed
+    once on a tiny CPU tensor whose result differs by 30x between the two."""
+    x = torch.full((1, 2), 1e-3, dtype=torch.float16)
+    y = torch.nn.functional.rms_norm(x, (2,), None, None)
+    return float(y[0, 0]) > 0.5
+
+
+def _rms_default_eps(dtype: torch.dtype) -> float:
+    """torch's eps for RMSNorm(eps=None) on inputs of ``dtype``."""
+    if dtype in (torch.float16, torch.bfloat16) and _rms_eps_in_opmath():
+        return torch.finfo(torch.float32).eps
+    return torch.finfo(dtype).eps
+
+
+class TwoBPLayerNorm(TwoBPModule, nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm` over the last dim: same constructor,
+    parameters (weight, bias), init, state_dict and repr.
+
+    y = (x - mean) / sqrt(var + eps) · weight + bias over x's last dim. A multi-dim
+    ``normalized_shape`` raises NotImplementedError.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        _check_last_dim_only(type(self).__name__, normalized_shape)
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_last_dim_only(type(self).__name__, self.normalized_shape)  # converted modules too
+        op = LayerNormOp(eps=self.eps, normalized_size=self.normalized_shape[0])
+        return self._split(op, (input,), (self.weight, self.bias))
+
+
+class TwoBPRMSNorm(TwoBPModule, nn.RMSNorm):
+    """Drop-in for :class:`torch.nn.RMSNorm` over the last dim: same constructor, parameter
+    (weight), init, state_dict and repr.
+
+    y = x / sqrt(mean(x²) + eps) · weight over x's last dim; ``eps=None`` takes torch's
+    default for the input dtype. A multi-dim ``normalized_shape`` raises NotImplementedError.
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 device=None, dtype=None) -> None:
+        _check_last_dim_only(type(self).__name__, normalized_shape)
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
+                         device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_last_dim_only(type(self).__name__, self.normalized_shape)
+        eps = self.eps if self.eps is not None else _rms_default_eps(x.dtype)
+        op = RMSNormOp(eps=eps, normalized_size=self.normalized_shape[0])
+        return self._split(op, (x,), (self.weight,))
