@@ -47,8 +47,11 @@ Design
 - Batched p2 does not concatenate: the launcher writes an int64 table on the device with,
   per micro-batch, the addresses of x_i and dy_i, the row count M_i and both row strides;
   the kernel's outer loop walks the table and the inner loop the rows. Each x_i and dy_i
-  must be 2-D with unit column stride. The table is a small host-to-device copy per call
-  (so this path is not CUDA-graph capturable); one micro-batch skips the table entirely.
+  must be 2-D with unit column stride. When every address and row stride is 16-aligned the
+  kernel tells the compiler so (tl.multiple_of), which keeps 16-byte vector loads; without
+  that hint the compiled loads fall back to one element each. The table is a small
+  non-blocking host-to-device copy per call (so this path is not CUDA-graph capturable);
+  one micro-batch skips the table entirely.
 
 Everything here is plain functions on tensors: no autograd, no modules, and no state
 besides Triton's autotune caches.
@@ -56,6 +59,7 @@ besides Triton's autotune caches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -420,28 +424,34 @@ _FLATTEN = "; flatten leading dims first, e.g. t.reshape(-1, t.shape[-1])"
 # ----------------------------------------------------------------------------------------
 
 
-def _launch_matmul(kernel, a, b_t_strides, c, bias, m: int, n: int, k: int, dtype: torch.dtype, b) -> None:
-    """Launch C[m, n] = A[m, k] B[k, n] (+ bias); b_t_strides are B's (stride_bk, stride_bn)."""
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU: Triton launches on the current CUDA device otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_matmul(kernel, a, b, b_strides: tuple[int, int], c, bias, m: int, n: int, k: int) -> None:
+    """Launch C[m, n] = A[m, k] B[k, n] (+ bias); b_strides are B's (stride_bk, stride_bn)."""
     if m == 0 or n == 0:
         return
     if k == 0:  # an empty sum: C is the bias (or zero)
         c.copy_(bias.expand(m, n) if bias is not None else torch.zeros((), dtype=c.dtype, device=c.device).expand(m, n))
         return
-    stride_bk, stride_bn = b_t_strides
+    stride_bk, stride_bn = b_strides
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_SIZE_M"]) * triton.cdiv(n, meta["BLOCK_SIZE_N"]),)
 
-    kernel[grid](
-        a, b, c, bias if bias is not None else c,
-        m, n, k,
-        a.stride(0), a.stride(1),
-        stride_bk, stride_bn,
-        c.stride(0), c.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None,
-        INPUT_PRECISION=_input_precision(dtype),
-    )
+    with _on_device(a.device):
+        kernel[grid](
+            a, b, c, bias if bias is not None else c,
+            m, n, k,
+            a.stride(0), a.stride(1),
+            stride_bk, stride_bn,
+            c.stride(0), c.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            HAS_BIAS=bias is not None,
+            INPUT_PRECISION=_input_precision(a.dtype),
+        )
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -478,7 +488,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         _check_out("out", out, (m, n), x.dtype)
         _check_devices(x=x, weight=weight, bias=bias, out=out)
     # B = Wᵀ: B[k, n] = W[n, k]
-    _launch_matmul(_fwd_matmul, x, (weight.stride(1), weight.stride(0)), out, bias, m, n, k, x.dtype, weight)
+    _launch_matmul(_fwd_matmul, x, weight, (weight.stride(1), weight.stride(0)), out, bias, m, n, k)
     return out
 
 
@@ -509,7 +519,7 @@ def linear_dx(dy: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | Non
         _check_out("out", out, (m, k), dy.dtype)
         _check_devices(dy=dy, weight=weight, out=out)
     # GEMM (M, N, K) = (m, k, n); B = W: B[n, k] = W[n, k]
-    _launch_matmul(_dx_matmul, dy, (weight.stride(0), weight.stride(1)), out, None, m, k, n, dy.dtype, weight)
+    _launch_matmul(_dx_matmul, dy, weight, (weight.stride(0), weight.stride(1)), out, None, m, k, n)
     return out
 
 
@@ -519,6 +529,19 @@ def _as_list(name: str, v) -> list[torch.Tensor]:
     if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
         return list(v)
     raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(v).__name__}")
+
+
+def _device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The micro-batch table as an int64 tensor on ``device``.
+
+    On CUDA it goes through pinned memory with a non-blocking copy, ordered on the current
+    stream, so the host does not wait for queued GPU work (a copy from pageable memory
+    would synchronise the stream). Torch's pinned-memory cache keeps the host buffer alive
+    until the copy has run.
+    """
+    if device.type != "cuda":
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+    return torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Sequence[torch.Tensor],
@@ -579,22 +602,23 @@ def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
     else:
         x0, dy0 = live[0]
         rows = [[xi.data_ptr(), dyi.data_ptr(), xi.shape[0], xi.stride(0), dyi.stride(0)] for xi, dyi in live]
-        table = torch.tensor(rows, dtype=torch.int64, device=dweight.device)  # [num_mb, _MB_COLS]
+        table = _device_table(rows, dweight.device)  # [num_mb, _MB_COLS]
         table_aligned = all(r[_MB_X] % 16 == 0 and r[_MB_DY] % 16 == 0 and r[_MB_STRIDE_XM] % 16 == 0
                             and r[_MB_STRIDE_DYM] % 16 == 0 for r in rows)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_SIZE_N"]) * triton.cdiv(k, meta["BLOCK_SIZE_K"]),)
 
-    _dw_tuned[grid](
-        x0, dy0, dweight, dbias if dbias is not None else dweight,
-        table if table is not None else dweight, len(live),
-        total_rows, n, k,
-        x0.stride(0), dy0.stride(0),
-        dweight.stride(0), dweight.stride(1),
-        dbias.stride(0) if dbias is not None else 0,
-        HAS_BIAS=dbias is not None,
-        FROM_TABLE=table is not None,
-        TABLE_ALIGNED=table_aligned,
-        INPUT_PRECISION=_input_precision(dtype),
-    )
+    with _on_device(dweight.device):
+        _dw_tuned[grid](
+            x0, dy0, dweight, dbias if dbias is not None else dweight,
+            table if table is not None else dweight, len(live),
+            total_rows, n, k,
+            x0.stride(0), dy0.stride(0),
+            dweight.stride(0), dweight.stride(1),
+            dbias.stride(0) if dbias is not None else 0,
+            HAS_BIAS=dbias is not None,
+            FROM_TABLE=table is not None,
+            TABLE_ALIGNED=table_aligned,
+            INPUT_PRECISION=_input_precision(dtype),
+        )
