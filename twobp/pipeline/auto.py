@@ -1,0 +1,188 @@
+"""``auto``: place the P2s from measured costs to shorten the makespan.
+
+Problem. Given per-chunk times for F, P1, P2 and communication, and each rank's fixed
+order of forwards and P1s (plain micro-batch order, or Megatron's interleaved order for
+``chunks > 1``), choose where each rank runs each P2 (after its P1) so that the step ends
+as early as possible, holding at most ``memory_limit`` micro-batch chunks per rank from
+F until P2. With P2s free to move this is a job-shop-like scheduling problem (NP-hard in
+general), so ``auto`` is a heuristic:
+
+1. **Candidates** (each is simulated, over-limit ones dropped):
+   the 2BP 1F1B (or interleaved 1F1B) schedule; ZB-H1 and the same with every P2
+   lag raised by e (``chunks = 1``, within the limit); greedy list scheduling (:mod:`.greedy`:
+   P1 > F > P2, P2 fills idle time) with the memory limit, and with the limit ``p`` of
+   ZB-H1; the same with every P2 left to the end; 2BP GPipe.
+2. **Local search** on the best candidate: every P2 is split to one micro-batch, and
+   single P2 moves (to any later or earlier legal slot on its rank, before a compute
+   action or at the end) are tried, taking the first that lowers the simulated makespan
+   and respects the memory limit, until no move helps or ``max_evals`` simulations ran.
+   Deterministic: every rank that builds the schedule gets the same one.
+
+How far from optimal. The result is never worse than the best candidate, so never worse
+than 2BP 1F1B or ZB-H1 under the same costs, and it is a local optimum for single-P2
+moves. It is compared with a lower bound that holds for any P2 placement with these F
+and P1 costs (stored in ``schedule.meta``; :func:`auto_report` formats it):
+
+    LB = max( max_r (head_r + work_r),  Σ_s (F_s + P1_s) + 2 Σ_{s<S-1} comm_s + P2_0 )
+
+where ``work_r`` is all compute on rank r and ``head_r`` the earliest its first
+forward's input can arrive. ``meta["gap"] = makespan / LB - 1`` bounds the distance to
+the optimum for that instance. On unit costs (p=4, m=8) auto reaches the ZB-H1 makespan
+``3m + p - 1``, which meets the first term of the bound: gap 0.
+"""
+
+from __future__ import annotations
+
+from .actions import Action, Schedule
+from .costs import Costs
+from .greedy import list_schedule
+from .lowering import lower_comm
+from .walk import walk
+
+__all__ = ["auto_schedule", "lower_bound", "auto_report"]
+
+
+def lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) -> float:
+    """A makespan no placement of the P2s can beat (see the module docstring)."""
+    p, v, m = stages, chunks, microbatches
+    S = p * v
+    head = [0.0] * S
+    for s in range(1, S):
+        head[s] = head[s - 1] + costs.at("F", s - 1) + costs.at("comm", s - 1)
+    best = 0.0
+    for r in range(p):
+        work = sum(m * (costs.at("F", c * p + r) + costs.at("P1", c * p + r)
+                        + costs.at("P2", c * p + r)) for c in range(v))
+        best = max(best, head[r] + work)
+    path = sum(costs.at("F", s) + costs.at("P1", s) for s in range(S))
+    path += 2 * sum(costs.at("comm", s) for s in range(S - 1)) + costs.at("P2", 0)
+    return max(best, path)
+
+
+def _makespan(sched: Schedule, costs: Costs) -> float:
+    lowered = lower_comm(sched)
+
+    def duration(r: int, a: Action) -> float:
+        return costs.at(a.kind, lowered.stage_of(r, a.chunk)) * len(a.mbs)
+
+    def latency(r: int, a: Action) -> float:
+        s = lowered.stage_of(r, a.chunk)
+        return costs.at("comm", s if a.kind == "SF" else s - 1)
+
+    w = walk(lowered, duration, latency)
+    return max(max(e, default=0.0) for e in w.end)
+
+
+def _peak_held(acts: list[Action] | tuple[Action, ...]) -> int:
+    held = peak = 0
+    for a in acts:
+        if a.kind == "F":
+            held += 1
+        peak = max(peak, held)
+        if a.kind == "P2":
+            held -= len(a.mbs)
+        elif a.kind == "B":
+            held -= 1
+    return peak
+
+
+def _split_p2(sched: Schedule) -> Schedule:
+    ranks = tuple(tuple(x for a in acts for x in
+                        ([Action("P2", (mb,), a.chunk) for mb in a.mbs] if a.kind == "P2" else [a]))
+                  for acts in sched.ranks)
+    return sched.replace(ranks=ranks)
+
+
+def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None) -> list[Schedule]:
+    from .generators import _gpipe, _one_f_one_b, interleaved_order, lagged_one_f_one_b
+
+    fwd = [interleaved_order(p, m, v, backward=False)] * p
+    bwd = [interleaved_order(p, m, v, backward=True)] * p
+    out = []
+    if v == 1 or m % p == 0:
+        out.append(_one_f_one_b(p, m, v, "1f1b"))
+    out.append(_gpipe(p, m, v))
+    if v == 1:
+        # ZB-H1 and its relaxations: P2 lag r + e on rank r holds p + e micro-batches.
+        top = m if limit is None else max(0, limit - p)
+        for e in sorted({0, 1, 2, top // 2, top} & set(range(0, top + 1))):
+            out.append(lagged_one_f_one_b(p, m, [min(r + e, m) for r in range(p)], "zb-lag"))
+    limits = {limit} if limit is not None else {None}
+    limits.add(p if limit is None else min(p, limit))
+    for lim in sorted(limits, key=lambda x: (x is None, x)):
+        for idle in (True, False):
+            try:
+                out.append(list_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
+                                         fwd_order=fwd, bwd_order=bwd,
+                                         limit=None if lim is None else [lim] * p,
+                                         p2_when_idle=idle, name="greedy"))
+            except RuntimeError:
+                continue  # leaving every P2 to the end cannot meet a tight limit
+    return [_split_p2(s) for s in out
+            if limit is None or max(_peak_held(a) for a in s.ranks) <= limit]
+
+
+def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int | None,
+                          budget: int) -> tuple[tuple[Schedule, float] | None, int]:
+    """Try moving one single-micro-batch P2 to another legal slot on its rank; return the
+    first move that shortens the makespan (or None) and the simulations spent."""
+    evals = 0
+    for r, acts in enumerate(sched.ranks):
+        acts = list(acts)
+        for i, a in enumerate(acts):
+            if a.kind != "P2":
+                continue
+            rest = acts[:i] + acts[i + 1:]
+            first = next(j for j, x in enumerate(rest)
+                         if x.kind == "P1" and x.mb == a.mb and x.chunk == a.chunk) + 1
+            for j in range(first, len(rest) + 1):
+                # Slots next to another P2 are equivalent to one already tried.
+                if j == i or (j < len(rest) and rest[j].kind == "P2"):
+                    continue
+                trial = rest[:j] + [a] + rest[j:]
+                if limit is not None and _peak_held(trial) > limit:
+                    continue
+                if evals >= budget:
+                    return None, evals
+                cand = sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:])
+                evals += 1
+                t = _makespan(cand, costs)
+                if t < span - 1e-12:
+                    return (cand, t), evals
+    return None, evals
+
+
+def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Costs,
+                  memory_limit: int | None = None, max_evals: int = 3000) -> Schedule:
+    """The ``auto`` placement (module docstring); ``schedule.meta`` holds ``makespan``,
+    ``lower_bound``, ``gap`` and ``start`` (which candidate the search began from)."""
+    p, m, v = stages, microbatches, chunks
+    cands = _candidates(p, m, v, costs, memory_limit)
+    if not cands:
+        raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch "
+                         f"chunks per rank; raise memory_limit (1 always fits)")
+    scored = sorted(((_makespan(s, costs), i, s) for i, s in enumerate(cands)),
+                    key=lambda x: (x[0], x[1]))
+    best_t, _, best = scored[0]
+    start_name = best.name
+    lb = lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
+    evals = 0
+    while best_t > lb * (1 + 1e-9) and evals < max_evals:  # at the bound nothing improves
+        found, used = _first_improving_move(best, best_t, costs, memory_limit, max_evals - evals)
+        evals += used
+        if found is None:
+            break
+        best, best_t = found
+    meta = {"makespan": best_t, "lower_bound": lb, "gap": best_t / lb - 1 if lb > 0 else 0.0,
+            "start": start_name, "evals": evals}
+    return best.replace(name="auto", meta=meta)
+
+
+def auto_report(schedule: Schedule) -> str:
+    """One line: makespan, lower bound and the gap between them."""
+    meta = schedule.meta
+    if "lower_bound" not in meta:
+        return f"{schedule.name}: no auto metadata"
+    return (f"auto: makespan {meta['makespan']:.4g}, lower bound {meta['lower_bound']:.4g} "
+            f"(within {meta['gap']:.1%} of optimal), started from {meta['start']}, "
+            f"{meta['evals']} simulations")

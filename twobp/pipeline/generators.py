@@ -1,0 +1,186 @@
+"""Schedule generators: GPipe, 1F1B, interleaved 1F1B, ZB-H1 and ``auto``.
+
+Every generator first builds the 2BP form (``P1`` then a ``P2`` somewhere later);
+``twobp=False`` then fuses each ``P1`` with its weight gradient into ``B`` at the
+``P1``'s place (:func:`fuse_backward`), so both forms share one F/backward order.
+
+Notation: ``p`` ranks (``stages``), ``v`` chunks per rank, ``m`` micro-batches, rank
+``r`` in ``0..p-1``.
+
+* ``gpipe``: every F (chunk by chunk), then every P1 (chunks in reverse), then one
+  batched P2 per chunk [GPipe, Huang et al. 2019; 2BP paper's GPipe variant].
+* ``1f1b``: ``min(p-r-1, m)`` warm-up forwards, then F/P1 pairs, then the cool-down P1s.
+  With 2BP each cool-down P1 is followed by the oldest pending P2, and what is left runs
+  as one batched P2 at the end [PipeDream-Flush / Megatron; 2BP paper].
+* ``interleaved-1f1b``: Megatron's interleaved order over ``v`` chunks (needs
+  ``m % p == 0``); warm-up ``min((p-r-1)*2 + (v-1)*p, m*v)``; 2BP as for 1F1B.
+* ``zb-h1``: 1F1B's F/P1 order; rank r runs the P2 of micro-batch ``i - r`` right after
+  the P1 of micro-batch i, and the last r P2s at the end. Each rank holds at most ``p``
+  micro-batches from F until P2 (1F1B's peak activation memory, on rank 0). At
+  T_F = T_P1 = T_P2 the makespan is ``3m + p - 1``: idle time per rank ``p - 1``, a third
+  of 1F1B's ``3(p - 1)`` [Qi et al. 2023, ZB-H1].
+* ``auto``: see :mod:`.auto`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+from .actions import Action, Schedule
+from .costs import Costs, as_costs
+from .lowering import fuse_backward, merge_p2
+
+__all__ = ["make_schedule", "SCHEDULE_NAMES", "interleaved_order"]
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "auto")
+
+
+def _check_int(name: str, val, lo: int = 1) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+        raise ValueError(f"make_schedule: {name} must be an int >= {lo}, got {val!r}")
+    return val
+
+
+def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chunks: int = 1,
+                  costs: Costs | Mapping | None = None, memory_limit: int | None = None,
+                  validate_result: bool = True) -> Schedule:
+    """Build the schedule ``name`` for ``stages`` ranks and ``microbatches`` micro-batches.
+
+    ``twobp``: split backward into P1/P2 (True) or fuse it into B (False).
+    ``chunks``: model chunks per rank (interleaved-1f1b, gpipe and auto accept > 1).
+    ``costs``: per-chunk times for ``zb-h1`` and ``auto`` (default unit costs).
+    ``memory_limit``: for ``auto``, the most micro-batch chunks a rank may hold from F
+    until P2 (default unbounded); ``zb-h1`` always uses ``stages``.
+
+    Too few micro-batches: an error where the schedule cannot be built (interleaved
+    needs a multiple of ``stages``), a ``UserWarning`` where it only costs a bubble
+    (``microbatches < stages``).
+    """
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if not isinstance(twobp, bool):
+        raise ValueError(f"make_schedule: twobp must be True or False, got {twobp!r}")
+    p = _check_int("stages", stages)
+    m = _check_int("microbatches", microbatches)
+    v = _check_int("chunks", chunks)
+    if memory_limit is not None:
+        _check_int("memory_limit", memory_limit)
+    if v > 1 and name in ("1f1b", "zb-h1"):
+        raise ValueError(f"{name} runs one chunk per rank (chunks={v}); use "
+                         f"'interleaved-1f1b' or 'auto' for chunks > 1")
+    if m < p:
+        warnings.warn(
+            f"{name}: microbatches={m} < stages={p}: ranks sit idle for at least "
+            f"{p - m} slots of the fill and drain; use microbatches >= {p} (ideally "
+            f">= {2 * p}) to keep the bubble small", UserWarning, stacklevel=2)
+    costs = as_costs(costs)
+    costs.check_stages(p * v)
+    if name == "gpipe":
+        sched = _gpipe(p, m, v)
+    elif name == "1f1b":
+        sched = _one_f_one_b(p, m, 1, "1f1b")
+    elif name == "interleaved-1f1b":
+        if v > 1 and m % p:
+            raise ValueError(
+                f"interleaved-1f1b needs microbatches to be a multiple of stages "
+                f"(microbatches={m}, stages={p}); use microbatches={(m // p + 1) * p}")
+        sched = _one_f_one_b(p, m, v, "interleaved-1f1b")
+    elif name == "zb-h1":
+        sched = _zb_h1(p, m)
+    else:
+        from .auto import auto_schedule
+        sched = auto_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
+                              memory_limit=memory_limit)
+    sched = merge_p2(sched)
+    if not twobp:
+        sched = fuse_backward(sched)
+    sched = sched.replace(name=f"{name}{'-2bp' if twobp else ''}")
+    if validate_result:
+        from .validate import validate
+        validate(sched)
+    return sched
+
+
+def _gpipe(p: int, m: int, v: int) -> Schedule:
+    ranks = []
+    for _ in range(p):
+        acts = [Action("F", (mb,), c) for c in range(v) for mb in range(m)]
+        acts += [Action("P1", (mb,), c) for c in reversed(range(v)) for mb in range(m)]
+        acts += [Action("P2", tuple(range(m)), c) for c in reversed(range(v))]
+        ranks.append(tuple(acts))
+    return Schedule(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name="gpipe")
+
+
+def interleaved_order(p: int, m: int, v: int, backward: bool) -> list[tuple[int, int]]:
+    """Megatron's (mb, chunk) order for one rank: groups of ``p`` micro-batches sweep the
+    chunks (forward 0..v-1, backward v-1..0). With ``v = 1`` it is plain mb order."""
+    if v == 1:
+        return [(mb, 0) for mb in range(m)]
+    out = []
+    for k in range(m * v):
+        in_group = k % (p * v)
+        c = in_group // p
+        if backward:
+            c = v - 1 - c
+        out.append(((k // (p * v)) * p + k % p, c))
+    return out
+
+
+def _one_f_one_b(p: int, m: int, v: int, name: str) -> Schedule:
+    total = m * v
+    fwd = interleaved_order(p, m, v, backward=False)
+    bwd = interleaved_order(p, m, v, backward=True)
+    ranks = []
+    for r in range(p):
+        if v == 1:
+            warm = min(p - r - 1, m)
+        elif m == p:
+            warm = total
+        else:
+            warm = min((p - r - 1) * 2 + (v - 1) * p, total)
+        acts = [Action("F", (mb,), c) for mb, c in fwd[:warm]]
+        for i in range(total - warm):
+            acts.append(Action("F", fwd[warm + i][:1], fwd[warm + i][1]))
+            acts.append(Action("P1", bwd[i][:1], bwd[i][1]))
+        pending = [bwd[i] for i in range(total - warm)]
+        for i in range(total - warm, total):
+            acts.append(Action("P1", bwd[i][:1], bwd[i][1]))
+            pending.append(bwd[i])
+            # Cool-down: the rank now waits on the gradient chain; fill with the oldest P2.
+            mb, c = pending.pop(0)
+            acts.append(Action("P2", (mb,), c))
+        for c in sorted({c for _, c in pending}, key=lambda c: [x[1] for x in pending].index(c)):
+            acts.append(Action("P2", tuple(sorted(mb for mb, cc in pending if cc == c)), c))
+        ranks.append(tuple(acts))
+    return Schedule(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name=name)
+
+
+def lagged_one_f_one_b(p: int, m: int, lags: list[int], name: str = "zb-h1") -> Schedule:
+    """1F1B's F/P1 order; rank r runs ``P2`` of micro-batch ``i - lags[r]`` right after
+    ``P1`` of micro-batch i, and the P2s still pending at the end one after another.
+
+    Rank r then holds at most ``(p - r) + lags[r]`` micro-batches (F until P2).
+    """
+    ranks = []
+    for r in range(p):
+        warm = min(p - r - 1, m)
+        acts = [Action("F", (mb,), 0) for mb in range(warm)]
+        pending: list[int] = []
+        for i in range(m):
+            if warm + i < m:
+                acts.append(Action("F", (warm + i,), 0))
+            acts.append(Action("P1", (i,), 0))
+            pending.append(i)
+            if i - lags[r] >= 0:
+                pending.remove(i - lags[r])
+                acts.append(Action("P2", (i - lags[r],), 0))
+        acts += [Action("P2", (mb,), 0) for mb in pending]
+        ranks.append(tuple(acts))
+    return Schedule(ranks=tuple(ranks), stages=p, chunks=1, microbatches=m, name=name)
+
+
+def _zb_h1(p: int, m: int) -> Schedule:
+    # Lag r on rank r: the last rank defers the most, which is what lets the gradient
+    # front run ahead at the end; each rank holds exactly p micro-batches at its peak.
+    return lagged_one_f_one_b(p, m, [r for r in range(p)])
