@@ -614,6 +614,14 @@ def _check_devices(**tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
+def _check_out(name: str, out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    _check_tensor(name, out, len(shape))
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {dtype} (the input dtype)")
+
+
 _NCHW = " (expected [N, C, H, W]; add a batch dim with x.unsqueeze(0))"
 _OCKK = " (expected [out_channels, in_channels, KH, KW])"
 
@@ -624,7 +632,7 @@ _OCKK = " (expected [out_channels, in_channels, KH, KW])"
 
 
 def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               stride=1, padding=0, dilation=1) -> torch.Tensor:
+               stride=1, padding=0, dilation=1, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = conv2d(x, W) + b (groups = 1, zero padding), fp32 accumulation, bias in the epilogue.
 
     Args:
@@ -633,9 +641,10 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         bias: [O], x's dtype, or None.
         stride, dilation: int or (h, w), >= 1.
         padding: int, (pad_h, pad_w), or ((top, bottom), (left, right)) for asymmetric zero padding.
+        out: optional [N, O, OH, OW] buffer of x's dtype (any strides) to write y into.
 
     Returns:
-        y [N, O, OH, OW] (contiguous) in x's dtype.
+        y [N, O, OH, OW] in x's dtype (``out`` when given, else a new contiguous tensor).
     """
     _check_tensor("x", x, 4, _NCHW)
     _check_tensor("weight", weight, 4, _OCKK)
@@ -651,13 +660,18 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
-    _check_devices(x=x, weight=weight, bias=bias)
-    y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
+    if out is None:
+        _check_devices(x=x, weight=weight, bias=bias)
+        y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
+    else:
+        _check_out("out", out, (n, o, oh, ow), x.dtype)
+        _check_devices(x=x, weight=weight, bias=bias, out=out)
+        y = out
     m = n * oh * ow
     if m == 0 or o == 0:
         return y
     if c == 0:  # an empty sum: y is the bias (or zero)
-        y.copy_(bias.view(1, o, 1, 1).expand_as(y) if bias is not None else torch.zeros_like(y))
+        y.copy_(bias.view(1, o, 1, 1).expand_as(y)) if bias is not None else y.zero_()
         return y
 
     def grid(meta):
@@ -677,7 +691,7 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, padding=0,
-              dilation=1) -> torch.Tensor:
+              dilation=1, out: torch.Tensor | None = None) -> torch.Tensor:
     """p1: dx = the gradient of conv2d's input, as a gather (no atomics), fp32 accumulation.
 
     Args:
@@ -687,9 +701,10 @@ def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, 
         input_shape: (N, C, H, W) of the forward's input (several H give the same OH when the
             stride exceeds 1, so it cannot be inferred).
         stride, padding, dilation: as for :func:`conv2d_fwd`.
+        out: optional [N, C, H, W] buffer of dy's dtype (any strides) to write dx into.
 
     Returns:
-        dx [N, C, H, W] (contiguous) in dy's dtype.
+        dx [N, C, H, W] in dy's dtype (``out`` when given, else a new contiguous tensor).
     """
     _check_tensor("dy", dy, 4, " (expected [N, O, OH, OW])")
     _check_tensor("weight", weight, 4, _OCKK)
@@ -709,8 +724,13 @@ def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, 
                          f"weight {tuple(weight.shape)}, stride {stride}, padding {padding}, dilation {dilation}")
     if weight.dtype != dy.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but dy has {dy.dtype}; cast them to one dtype")
-    _check_devices(dy=dy, weight=weight)
-    dx = torch.empty(shape, dtype=dy.dtype, device=dy.device)
+    if out is None:
+        _check_devices(dy=dy, weight=weight)
+        dx = torch.empty(shape, dtype=dy.dtype, device=dy.device)
+    else:
+        _check_out("out", out, shape, dy.dtype)
+        _check_devices(dy=dy, weight=weight, out=out)
+        dx = out
     m = n * h * w
     if m == 0 or c == 0:
         return dx
