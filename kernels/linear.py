@@ -178,7 +178,12 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP_SIZE: tl.constexpr):
+def _grouped_tile(
+    pid,  # linear program id
+    num_pid_rows,  # tile rows of the output
+    num_pid_cols,  # tile columns of the output
+    GROUP_SIZE: tl.constexpr,  # tile rows per group
+):
     """Map a linear program id to a (row block, column block) tile, GROUP_SIZE row blocks at a
     time, so programs running together share the same column blocks of B in L2."""
     num_pid_in_group = GROUP_SIZE * num_pid_cols
@@ -257,9 +262,14 @@ _MB_X, _MB_DY, _MB_ROWS, _MB_STRIDE_XM, _MB_STRIDE_DYM, _MB_COLS = 0, 1, 2, 3, 4
 @triton.jit
 def _dw_rows(
     x_ptr, dy_ptr, mb_table_ptr, num_mb, M, stride_xm, stride_dym,  # as in _dw_kernel
-    n0, k0, mask_n, mask_k,  # tile origin in dW and the in-bounds masks of its columns / rows
-    FROM_TABLE: tl.constexpr, TABLE_ALIGNED: tl.constexpr, WITH_DB: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    n0,  # first output feature of the tile (dW row)
+    k0,  # first input feature of the tile (dW column)
+    mask_n,  # [BLOCK_SIZE_N] n0 + offs_n < N
+    mask_k,  # [BLOCK_SIZE_K] k0 + offs_k < K
+    FROM_TABLE: tl.constexpr, TABLE_ALIGNED: tl.constexpr,  # as in _dw_kernel
+    WITH_DB: tl.constexpr,  # also sum the dY rows (the programs that own db)
+    INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,  # as in _dw_kernel
+    BLOCK_SIZE_K: tl.constexpr,
 ):
     """Reduce over every row of every micro-batch: returns (Σ dY[:, n-tile]ᵀ X[:, k-tile],
     Σ_rows dY[:, n-tile]), the second only when WITH_DB (zeros otherwise)."""
