@@ -6,14 +6,16 @@ a pipeline schedule put p2 into its idle time.
 
 Public API:
 
-* modules: :class:`TwoBPLinear` (more in :mod:`twobp.nn`)
+* modules: :class:`TwoBPLinear`, :class:`TwoBPLayerNorm`, :class:`TwoBPRMSNorm`,
+  :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps them into a model
 * :func:`split_backward`, :func:`backward_p2`: the split itself
 * :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
 * :func:`use_backend`: force the Triton kernels or the torch reference
 """
 
 from .backend import resolve_backend, use_backend
-from .nn import TwoBPLinear, TwoBPModule, label_modules
+from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPLayerNorm, TwoBPLinear, TwoBPModule, TwoBPRMSNorm,
+                 convert, label_modules)
 from .split import backward_p2, pending_microbatches, split_backward
 from .store import ActivationStore, LeakError, MemoryReport, default_store, memory_report
 
@@ -21,11 +23,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStore",
+    "ConversionReport",
     "LeakError",
     "MemoryReport",
+    "TwoBPAttention",
+    "TwoBPConv2d",
+    "TwoBPLayerNorm",
     "TwoBPLinear",
     "TwoBPModule",
+    "TwoBPRMSNorm",
     "backward_p2",
+    "convert",
     "default_store",
     "label_modules",
     "memory_report",
