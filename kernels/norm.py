@@ -137,7 +137,8 @@ def _prune_warps(configs, named_args, **kwargs):
 
     Falls back to the config closest to that range so the list is never empty.
     """
-    tile = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
+    meta = {**named_args, **kwargs}  # the block sizes are call kwargs
+    tile = meta["BLOCK_M"] * meta["BLOCK_N"]
     kept = [c for c in configs if 4 <= tile // (32 * c.num_warps) <= 64]
     if kept:
         return kept

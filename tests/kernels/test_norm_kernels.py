@@ -13,6 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from checks import assert_close, poison  # noqa: E402
 from twobp.kernels import norm as K  # noqa: E402
@@ -245,6 +247,27 @@ def test_dw_batched_equals_sum(kind, dtype):
     torch.testing.assert_close(dw, dw_seq, rtol=1e-5, atol=1e-5)
     if kind == "layer":
         torch.testing.assert_close(db, db_seq, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(0, 40), min_size=1, max_size=5), n=st.integers(2, 300),
+       kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
+def test_dw_any_split_of_rows_gives_the_same_gradient(rows, n, kind, seed):
+    """However the rows are cut into micro-batches, batched p2 equals float64 on all rows."""
+    total = sum(rows)
+    assume(total > 0)  # no rows at all adds exactly nothing; N = 1 is in SHAPES above
+    x, dy, w, b = _inputs(kind, total, n, torch.float32, seed=seed)
+    _, _, dw64, db64, mean64, rstd64 = _ref(kind, x, dy, w, b)
+    mean, rstd = _stats32(mean64, rstd64)
+    cuts = [sum(rows[:i]) for i in range(len(rows) + 1)]
+    parts = [slice(a, c) for a, c in zip(cuts, cuts[1:])]
+    dw = torch.zeros(n)
+    db = torch.zeros(n) if kind == "layer" else None
+    _dw(kind, [x[p] for p in parts], [dy[p] for p in parts],
+        [mean[p] for p in parts] if mean is not None else None, [rstd[p] for p in parts], dw, db)
+    assert_close(dw, dw64, name="dgamma", scale=2)
+    if db is not None:
+        assert_close(db, db64, name="dbeta", scale=2)
 
 
 def test_dw_is_deterministic():
