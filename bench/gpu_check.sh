@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 dry=()
 if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); shift; fi
 out=${1:-${OUT:-}}
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . || {
+[ -n "${TWOBP_SKIP_INSTALL:-}" ] || "$PY" -m pip install -q --no-deps --no-build-isolation -e . || {
   echo "gpu_check: 'pip install --no-deps --no-build-isolation -e .' failed (needs setuptools>=64)" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 args=("${dry[@]}")

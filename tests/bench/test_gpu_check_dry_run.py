@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHON": sys.executable,
+           "TWOBP_SKIP_INSTALL": "1"}  # the test session's install is the one under test
     env.pop("TWOBP_BACKEND", None)  # the dry run must exercise the Triton kernels (interpreted)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
