@@ -87,6 +87,22 @@ _KEYS = ["HEAD_DIM_P", "CAUSAL", "seq_bucket"]
 
 
 # ---------------------------------------------------------------------------------------
+# shared helper
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _rows_ptrs(base,                       # pointer to row 0 of one (batch, head), element 0
+               start,                      # first row of the block
+               stride_row,                 # elements between consecutive rows
+               ROWS: tl.constexpr,         # rows in the block
+               offs_d):                    # [HEAD_DIM_P] column offsets
+    """[ROWS, HEAD_DIM_P] pointers to rows start..start+ROWS-1. The block start is offset in
+    int64 (start · stride may pass 2^31 at long sequences with a packed QKV row), the rows
+    inside the block in int32."""
+    blk = base + tl.cast(start, tl.int64) * stride_row
+    return blk + tl.arange(0, ROWS)[:, None] * stride_row + offs_d[None, :]
+
+
+# ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------
 @triton.jit
@@ -109,7 +125,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_rows_ptrs(k_base, start_n, stride_ks, BLOCK_N, offs_d), mask=kv_mask, other=0.0)
         # s: [BLOCK_M, BLOCK_N] scores in log2 units, c q·k / ln 2
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -123,7 +139,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q,
         alpha = tl.math.exp2(m_i - m_new)           # rescales the old l and acc
         p = tl.math.exp2(s - m_new[:, None])        # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(_rows_ptrs(v_base, start_n, stride_vs, BLOCK_N, offs_d), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -170,7 +186,7 @@ def _attn_fwd_kernel(q_ptr,            # q [B, S, H, D], last dim contiguous
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+    q = tl.load(_rows_ptrs(q_base, start_m, stride_qs, BLOCK_M, offs_d),
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
@@ -195,7 +211,7 @@ def _attn_fwd_kernel(q_ptr,            # q [B, S, H, D], last dim contiguous
 
     o = acc / l_i[:, None]
     o_base = o_ptr + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+    tl.store(_rows_ptrs(o_base, start_m, stride_os, BLOCK_M, offs_d), o.to(o_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log: times ln 2
     tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, lse, mask=m_mask)
@@ -219,13 +235,14 @@ def _attn_bwd_preprocess_kernel(o_ptr,        # o [B, S, H, D], last dim contigu
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_P)
     mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os
-                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_rows_ptrs(o_ptr + off_b * stride_ob + off_h * stride_oh, start_m, stride_os, BLOCK_M,
+                           offs_d), mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_rows_ptrs(do_ptr + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos,
+                            BLOCK_M, offs_d), mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)  # δ_i = Σ_d dO_id O_id
     tl.store(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
 
@@ -253,7 +270,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < seq_len
         qd_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = tl.load(_rows_ptrs(q_base, start_m, stride_qs, BLOCK_M, offs_d), mask=qd_mask, other=0.0)
         lse2 = tl.load(lse_row + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634  # to log2
         # transposed scores sᵀ [BLOCK_N, BLOCK_M], so P ends up keyed by this program's keys
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
@@ -263,7 +280,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(_rows_ptrs(do_base, start_m, stride_dos, BLOCK_M, offs_d), mask=qd_mask, other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)   # dV += Pᵀ dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
         delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
@@ -314,10 +331,10 @@ def _attn_bwd_dkdv_kernel(q_ptr,        # q [B, S, H, D]
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_mask = offs_d < HEAD_DIM
     kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_rows_ptrs(k_ptr + off_b * stride_kb + off_hk * stride_kh, start_n, stride_ks, BLOCK_N,
+                           offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_rows_ptrs(v_ptr + off_b * stride_vb + off_hk * stride_vh, start_n, stride_vs, BLOCK_N,
+                           offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_P], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_P], dtype=tl.float32)
 
@@ -352,10 +369,10 @@ def _attn_bwd_dkdv_kernel(q_ptr,        # q [B, S, H, D]
                                       tail, seq_len, qk_scale,
                                       True, CAUSAL, BLOCK_M, DOT_PRECISION)
     dk = dk * sm_scale  # dK = c dSᵀ Q
-    tl.store(dk_ptr + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks
-             + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs
-             + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows_ptrs(dk_ptr + off_b * stride_dkb + off_hk * stride_dkh, start_n, stride_dks, BLOCK_N,
+                        offs_d), dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows_ptrs(dv_ptr + off_b * stride_dvb + off_hk * stride_dvh, start_n, stride_dvs, BLOCK_N,
+                        offs_d), dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -378,8 +395,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < seq_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_rows_ptrs(k_base, start_n, stride_ks, BLOCK_N, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_rows_ptrs(v_base, start_n, stride_vs, BLOCK_N, offs_d), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])      # P = exp(c q·k - lse)
         if MASKED:
@@ -434,10 +451,10 @@ def _attn_bwd_dq_kernel(q_ptr,        # q [B, S, H, D]
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
     qd_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
-                + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(_rows_ptrs(q_ptr + off_b * stride_qb + off_h * stride_qh, start_m, stride_qs, BLOCK_M,
+                           offs_d), mask=qd_mask, other=0.0)
+    do = tl.load(_rows_ptrs(do_ptr + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos,
+                            BLOCK_M, offs_d), mask=qd_mask, other=0.0)
     row = pid_bh.to(tl.int64) * seq_len
     lse2 = tl.load(lse_ptr + row + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634  # to log2
     delta = tl.load(delta_ptr + row + offs_m, mask=m_mask, other=0.0)
@@ -460,8 +477,8 @@ def _attn_bwd_dq_kernel(q_ptr,        # q [B, S, H, D]
                             offs_m, offs_d, d_mask, seq_len, full_hi, hi, qk_scale,
                             True, CAUSAL, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale  # dQ = c dS K
-    tl.store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs
-             + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(_rows_ptrs(dq_ptr + off_b * stride_dqb + off_h * stride_dqh, start_m, stride_dqs, BLOCK_M,
+                        offs_d), dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 # ---------------------------------------------------------------------------------------
