@@ -36,9 +36,13 @@ and reads and writes dW (and db).
 Memory in 2BP
 -------------
 Between p1 and p2 a conv layer keeps x_i and dy_i of every pending micro-batch alive
-(N·C·H·W + N·O·OH·OW elements each), while what p2 produces, dW, is only O·C·KH·KW. For the
-convolutions of a CNN the kept activations are typically 10-1000x the weight: this is the
-extra memory the paper reports for ResNet (its Table 2), and the store counts it as it is.
+(N·C·H·W + N·O·OH·OW elements each), while what p2 produces, dW, is only O·C·KH·KW. Plain
+backprop frees dy at the layer's backward; 2BP keeps it (and x) until p2. In the early,
+high-resolution layers of a CNN this dwarfs dW: ResNet-152 at 224x224 in fp32, 8 images per
+micro-batch, its first 3x3 conv (64 -> 64 at 56x56) keeps 6.4 MB of x and 6.4 MB of dy for a
+0.15 MB dW (87x); the following 1x1 expansion (64 -> 256) keeps 6.4 + 25.7 MB for 0.07 MB
+(490x). Only the last stage's 3x3 convs (512 channels at 7x7) have dW larger than x + dy. This
+is the extra memory the paper reports for ResNet, and the store counts it as it is.
 
 Precision: fp32 accumulation everywhere. y and dx are written in the input dtype; dW and db
 are read, added to and written back in their own dtype, the input dtype or fp32 (master
@@ -74,6 +78,10 @@ Design
   addresses of x_i and dy_i and the batch size N_i; all micro-batches share channel, spatial
   sizes and strides (contiguous NCHW ones do), and the kernel's outer loop walks the table.
   One micro-batch skips the table.
+- Layout: activation tiles keep pixels as their last (fastest) dim, so that in NCHW
+  neighbouring threads touch neighbouring addresses (Triton orders threads along the last
+  dim when it cannot prove contiguity, which the div/mod pixel decode hides). The forward and
+  dX therefore compute their tiles transposed (yᵀ = W xᵀ), and dW transposes its x tile.
 - Offsets that scale with the batch index are int64, so tensors past 2^31 elements are safe.
 
 Everything here is plain functions on tensors: no autograd, no modules, and no state besides
@@ -245,12 +253,15 @@ def _conv_fwd_kernel(
     pix = offs_m % (OH * OW)
     oh = pix // OW
     ow = pix % OW
-    x_rows = x_ptr + n.to(tl.int64) * stride_xn  # [BM] pointers to x[n, 0, 0, 0]
+    x_rows = x_ptr + n.to(tl.int64) * stride_xn  # [BM] pointers to x[n, 0, 0, 0], one per pixel
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
     w_cols = w_ptr + offs_o * stride_wo  # [BN] pointers to W[o, 0, 0, 0]
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    # The tile is computed transposed, yᵀ[o, pixel] = Σ W[o, c] xᵀ[c, pixel], so that pixels are
+    # the last (fastest) dim of every activation tile: in NCHW neighbouring output columns
+    # read and write neighbouring addresses, and Triton orders threads along the last dim.
+    acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
     for kh in tl.static_range(KH):
         ih = ih0 + kh * DIL_H
         in_h = mask_m & (ih >= 0) & (ih < H)
@@ -261,19 +272,19 @@ def _conv_fwd_kernel(
             w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[o, 0, kh, kw]
             for c0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
                 mask_c = offs_c < K_CHANNELS - c0
-                a = tl.load(x_tap[:, None] + (c0 + offs_c)[None, :] * stride_xc,
-                            mask=in_hw[:, None] & mask_c[None, :], other=0.0)  # [BM, BK]
-                b = tl.load(w_tap[None, :] + (c0 + offs_c)[:, None] * stride_wc,
-                            mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # [BK, BN]
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                wgt = tl.load(w_tap[:, None] + (c0 + offs_c)[None, :] * stride_wc,
+                              mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # [BN, BK] W, o x c
+                xt = tl.load(x_tap[None, :] + (c0 + offs_c)[:, None] * stride_xc,
+                             mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BK, BM] x, c x pixel
+                acc = tl.dot(wgt, xt, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_o * stride_bias, mask=mask_o, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc += bias.to(tl.float32)[:, None]
 
-    y_rows = y_ptr + n.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw  # [BM]
-    y_ptrs = y_rows[:, None] + offs_o[None, :] * stride_yc
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+    y_pix = y_ptr + n.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw  # [BM]
+    y_ptrs = y_pix[None, :] + offs_o[:, None] * stride_yc  # [BN, BM]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -320,7 +331,8 @@ def _conv_dx_kernel(
     dy_rows = dy_ptr + n.to(tl.int64) * stride_dyn  # [BM] pointers to dy[n, 0, 0, 0]
     w_cols = w_ptr + offs_c * stride_wc  # [BN] pointers to W[0, c, 0, 0]
 
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    # Transposed tile as in the forward: dxᵀ[c, pixel] = Σ Wᵀ[c, o] dyᵀ[o, pixel], pixels last.
+    acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
     for kh in tl.static_range(KH):
         # output row that reads input row ih through tap kh: oh·sh = ih + pt - kh·dh
         th = ih + PAD_H - kh * DIL_H
@@ -336,15 +348,15 @@ def _conv_dx_kernel(
             w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[0, c, kh, kw]
             for o0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
                 mask_o = offs_o < K_CHANNELS - o0
-                a = tl.load(dy_tap[:, None] + (o0 + offs_o)[None, :] * stride_dyc,
-                            mask=hit[:, None] & mask_o[None, :], other=0.0)  # [BM, BK]
-                b = tl.load(w_tap[None, :] + (o0 + offs_o)[:, None] * stride_wo,
-                            mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # [BK, BN]
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                wt = tl.load(w_tap[:, None] + (o0 + offs_o)[None, :] * stride_wo,
+                             mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # [BN, BK] W, c x o
+                gt = tl.load(dy_tap[None, :] + (o0 + offs_o)[:, None] * stride_dyc,
+                             mask=mask_o[:, None] & hit[None, :], other=0.0)  # [BK, BM] dy, o x pixel
+                acc = tl.dot(wt, gt, acc, input_precision=INPUT_PRECISION)
 
-    dx_rows = dx_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw  # [BM]
-    dx_ptrs = dx_rows[:, None] + offs_c[None, :] * stride_dxc
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    dx_pix = dx_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw  # [BM]
+    dx_ptrs = dx_pix[None, :] + offs_c[:, None] * stride_dxc  # [BN, BM]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
 
 
 # Columns of the micro-batch table read by _conv_dw_kernel, one int64 row per micro-batch.
@@ -427,12 +439,13 @@ def _conv_dw_kernel(
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             in_hw = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             dy_cols = dy_base + n.to(tl.int64) * stride_dyn + oh * stride_dyh + ow * stride_dyw  # [BK]
-            x_rows = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
+            x_pix = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
             g = tl.load(dy_cols[None, :] + offs_o[:, None] * stride_dyc,
                         mask=mask_o[:, None] & mask_p[None, :], other=0.0)  # [BM, BK] dy, o x pixel
-            a = tl.load(x_rows[:, None] + offs_c[None, :] * stride_xc,
-                        mask=in_hw[:, None] & mask_c[None, :], other=0.0)  # [BK, BN] x, pixel x c
-            acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+            # x is loaded with pixels last (neighbouring addresses in NCHW), then transposed
+            xt = tl.load(x_pix[None, :] + offs_c[:, None] * stride_xc,
+                         mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BN, BK] x, c x pixel
+            acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
                 if owns_db:
                     db_acc += tl.sum(g.to(tl.float32), axis=1)

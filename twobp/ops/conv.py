@@ -10,9 +10,9 @@ Shapes: x [N, C, H, W], W [O, C, KH, KW], b [O], y [N, O, OH, OW].
 * p2, dW += Σ_mb Σ_pixels dy ⋆ x and db += Σ_mb Σ_pixels dy: needs x (saved by forward,
   contiguous [N, C, H, W]) and dy (deposited by p1, [N, O, OH, OW]).
 
-Memory: between p1 and p2 the store holds x and dy, typically 10-1000x the bytes of the dW
-they produce (see ``kernels/conv.py``). That is the cost 2BP pays for conv layers, and the
-store reports it as it is.
+Memory: between p1 and p2 the store holds x and dy, in early CNN layers 10-800x the bytes of
+the dW they produce (numbers in ``kernels/conv.py``). That is the cost 2BP pays for conv
+layers, and the store reports it as it is.
 
 Padding: ints, pairs, ``'valid'`` (none) or ``'same'`` (stride 1 only, as in torch). With an
 even effective kernel extent, 'same' pads one more row/column below/right than above/left,
@@ -178,6 +178,12 @@ class Conv2dOp(SplitOp):
                              f"{tuple(weight.shape)}; expected weight [O, {x.shape[1]}, KH, KW]")
         check_same_dtype_device("conv2d", x, weight=weight, bias=bias)
         geo = self._geometry(weight)
+        (top, bottom), (left, right) = geo["padding"]
+        extent = [d * (k - 1) + 1 for k, d in zip(weight.shape[2:], self.dilation)]
+        if x.shape[2] + top + bottom < extent[0] or x.shape[3] + left + right < extent[1]:
+            raise ValueError(
+                f"conv2d: input {x.shape[2]}x{x.shape[3]} padded by {geo['padding']} ((top, bottom), (left, right)) "
+                f"is smaller than the dilated kernel {extent[0]}x{extent[1]}; pad more or use a smaller kernel")
         if resolve_backend(x.device) == "triton":
             from ..kernels.conv import conv2d_fwd
             y = conv2d_fwd(x, weight, bias, **geo)
