@@ -1,6 +1,9 @@
 """The `twobp` command: run, train, compare, simulate and bench.
 
-    twobp run                  the embedded default job (see `twobp run --help`)
+    twobp run                  the embedded default: 1F1B vs 1F1B+2BP on a tiny LLaMa
+    twobp train ...            one pipelined training job (runs under torchrun too)
+    twobp compare ...          several schedules, one table, one picture
+    twobp simulate ...         schedules on a cost model, no processes
     twobp bench kernels        dX vs dW kernel microbenchmarks against torch
 """
 
@@ -21,6 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    for name, helptext in (("run", "the embedded default job: tiny LLaMa, 2 stages, 1F1B vs 1F1B+2BP"),
+                           ("train", "one pipelined training job (also under torchrun)"),
+                           ("compare", "several schedules on the same model and data: one table, one picture")):
+        sp = sub.add_parser(name, help=helptext, description=_JOB_DESCRIPTIONS[name],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_job_arguments(sp, name)
+        sp.set_defaults(func=_job_main, job=name)
+
+    sim = sub.add_parser("simulate", help="compare schedules on a cost model (no processes)", add_help=False)
+    sim.set_defaults(func=None, simulate=True)
+
     bench = sub.add_parser("bench", help="microbenchmarks", description="Microbenchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
     from .benchmarks import kernels
@@ -32,7 +46,135 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_JOB_DESCRIPTIONS = {
+    "run": "The embedded default job. On a CPU-only machine: 2 pipeline ranks on gloo (one thread each, "
+           "so a bubble is real idle time), the tiny LLaMa-like model, trained on the bytes of Python's "
+           "standard library, 1F1B and 1F1B with 2BP side by side from the same weights. With 2+ GPUs: "
+           "NCCL and the Triton kernels. Prints progress, then a table; writes timelines (trace JSON and "
+           "PNG) and results.json under --out.",
+    "train": "Train one model with one schedule. Under torchrun (RANK/WORLD_SIZE set) each process is one "
+             "rank: torchrun --nproc_per_node 4 -m twobp.cli train --stages 4 ...; otherwise the ranks are "
+             "spawned on this machine.",
+    "compare": "Run several schedules on the same model, data and initial weights, one after another, "
+               "and print one table and one stacked timeline picture. The first schedule is the baseline "
+               "of the ratios.",
+}
+
+_SCHEDULE_HELP = ("comma-separated schedules; each is a name (gpipe, 1f1b, interleaved-1f1b, zb-h1, auto) "
+                  "with '-2bp' appended for the split backward, e.g. 1f1b,1f1b-2bp,auto-2bp")
+
+
+def _parse_variants(text: str):
+    from .pipeline import SCHEDULE_NAMES
+    from .train import Variant
+
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        twobp = item.endswith("-2bp")
+        name = item[:-4] if twobp else item
+        if name not in SCHEDULE_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
+        if name in ("zb-h1", "auto") and not twobp:
+            raise argparse.ArgumentTypeError(f"{name} places P2 actions and needs 2BP: write {name}-2bp")
+        out.append(Variant(name, twobp))
+    if not out:
+        raise argparse.ArgumentTypeError("no schedule given")
+    return tuple(out)
+
+
+def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    from .train import JobConfig
+
+    d = JobConfig()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, choices=["llama", "bert", "resnet"],
+                   help="llama trains on the stdlib byte corpus; bert/resnet use labelled synthetic inputs")
+    g.add_argument("--preset", default=d.preset, help="size preset, e.g. tiny, small, 7b (llama), large (bert), "
+                                                     "152 (resnet)")
+    g.add_argument("--tie-embeddings", action="store_true", help="tie the LM head to the embedding")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences/images per step")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order")
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--stages", type=int, default=d.stages, help="pipeline ranks (processes)")
+    g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved)")
+    g.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")
+    if job == "train":
+        g.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1 or auto")
+        g.add_argument("--2bp", dest="twobp", action=argparse.BooleanOptionalAction, default=True,
+                       help="split the backward into p1 and deferred p2 (default: on)")
+    else:
+        g.add_argument("--schedules", type=_parse_variants,
+                       default="1f1b,1f1b-2bp" if job == "run" else "1f1b,1f1b-2bp,zb-h1-2bp,auto-2bp",
+                       help=_SCHEDULE_HELP)
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int, default=30 if job == "run" else d.steps, help="optimizer steps per schedule")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the throughput")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda (NCCL, Triton) when there are enough GPUs, else cpu (gloo, torch reference)")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank on CPU")
+    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds to wait for a silent peer")
+    g.add_argument("--out", default=d.out, help="folder for timelines and results.json")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the results table as JSON here")
+    g.add_argument("--checkpoint", default=None, metavar="DIR", help="save per-stage state dicts here at the end")
+    g.add_argument("--resume", default=None, metavar="DIR", help="start from per-stage state dicts (any stage count)")
+    g.add_argument("--quiet", action="store_true", help="no per-step progress")
+
+
+def _job_main(args: argparse.Namespace) -> int:
+    from .benchmarks.timing import machine_name
+    from .train import JobConfig, Variant, format_results, losses_agree, results_to_json, run_job, save_json, \
+        write_timelines
+
+    variants = (Variant(args.schedule, args.twobp),) if args.job == "train" else args.schedules
+    if isinstance(variants, str):
+        variants = _parse_variants(variants)
+    try:
+        cfg = JobConfig(model=args.model, preset=args.preset, stages=args.stages, chunks=args.chunks,
+                        microbatches=args.microbatches, batch_size=args.batch_size, variants=variants,
+                        steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed, device=args.device,
+                        threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,
+                        out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"twobp {args.job}: {e}")
+    import torch
+
+    device = torch.device("cuda" if cfg.resolved_device() == "cuda" else "cpu")
+    machine = machine_name(device) if device.type == "cuda" else f"{machine_name(device).split(' (')[0]}"
+    is_rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    if is_rank0:
+        print(f"twobp {args.job}: {cfg.model}/{cfg.preset}, {cfg.stages} stages x {cfg.chunks} chunks, "
+              f"{cfg.microbatches} micro-batches of {cfg.batch_size // cfg.microbatches}+ rows, {cfg.steps} steps, "
+              f"{'NCCL + Triton' if device.type == 'cuda' else f'gloo, {cfg.threads} thread(s)/rank'} on "
+              f"{machine}; schedules: {', '.join(v.label for v in cfg.variants)}", flush=True)
+    results = run_job(cfg)
+    if not results:
+        return 0
+    print()
+    print(format_results(results))
+    agree, gap = losses_agree(results)
+    if len(results) > 1:
+        print(f"\nlosses agree across schedules: {'yes' if agree else 'NO'} (largest relative gap {gap:.1e})")
+    print(f"activation store empty after every step: {'yes' if all(r.store_empty for r in results) else 'NO'}")
+    payload = results_to_json(results, cfg, machine)
+    if cfg.out:
+        out = __import__("pathlib").Path(cfg.out)
+        written = write_timelines(results, out)
+        save_json(payload, out / "results.json")
+        (out / "results.md").write_text(format_results(results) + "\n")
+        print(f"wrote {out}/results.json, results.md and {len(written)} timeline files "
+              f"(open the .json traces in ui.perfetto.dev or chrome://tracing)")
+    if args.json:
+        save_json(payload, args.json)
+    return 0 if agree or len(results) == 1 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        from .pipeline.cli_simulate import simulate_main
+
+        return int(simulate_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -1,0 +1,76 @@
+"""Checkpoints of a pipelined model: one state dict per stage, reassembled at will.
+
+Each rank writes ``stage-<rank>.pt`` with the state of its blocks, keyed as in
+``nn.Sequential(*model.blocks())`` (``"<block index>.<name inside the block>"``), so the
+files of all ranks together are the whole model, whatever the stage count was.
+:func:`load_full_state_dict` merges them; :func:`to_model_state_dict` renames the keys to
+the model's own ``state_dict``; :func:`load_stage_state` loads into a pipeline cut
+differently from the one that saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["save_stage_state", "load_full_state_dict", "load_stage_state", "to_model_state_dict"]
+
+
+def save_stage_state(executor: Any, folder: str | Path) -> Path:
+    """Write this rank's blocks to ``folder/stage-<rank>.pt`` (every rank calls it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for chunk in sorted(executor.stages):
+        state.update({k: v.detach().cpu() for k, v in executor.stages[chunk].state_dict().items()})
+    path = folder / f"stage-{executor.rank}.pt"
+    torch.save(state, path)
+    if dist.is_initialized():
+        dist.barrier(group=executor.group)
+    return path
+
+
+def load_full_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Merge every ``stage-*.pt`` in ``folder`` into the blocks' state dict."""
+    files = sorted(Path(folder).glob("stage-*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no stage-*.pt files in {folder}; save with --checkpoint {folder} first")
+    merged: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=True)
+        clash = set(part) & set(merged)
+        if clash:
+            raise ValueError(f"{f.name} repeats keys another stage file has, e.g. {sorted(clash)[:3]}; "
+                             "mixing files from different runs?")
+        merged.update(part)
+    return merged
+
+
+def load_stage_state(executor: Any, folder: str | Path) -> None:
+    """Load this rank's blocks from a checkpoint saved with any stage count."""
+    merged = load_full_state_dict(folder)
+    for chunk in sorted(executor.stages):
+        stage: nn.Module = executor.stages[chunk]
+        wanted = stage.state_dict().keys()
+        missing = [k for k in wanted if k not in merged]
+        if missing:
+            raise ValueError(f"checkpoint {folder} lacks {len(missing)} keys of this stage, e.g. {missing[:3]}; "
+                             "was it saved from the same model and preset?")
+        stage.load_state_dict({k: merged[k] for k in wanted}, strict=True)
+
+
+def to_model_state_dict(model: nn.Module, blocks_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename block-indexed keys to ``model.state_dict()``'s own names (tied tensors map to every name)."""
+    seq = nn.Sequential(*model.blocks())
+    by_identity = {id(t): k for k, t in seq.state_dict(keep_vars=True).items()}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = by_identity.get(id(t))
+        if key is None or key not in blocks_state:
+            raise ValueError(f"model tensor {name!r} has no entry in the checkpoint")
+        out[name] = blocks_state[key]
+    return out
