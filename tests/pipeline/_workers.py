@@ -1,0 +1,111 @@
+"""Worker functions and models for the multi-process pipeline tests (imported by spawned
+children, so kept free of pytest and of work at import time)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+import twobp
+from twobp.pipeline import PipelineExecutor, make_schedule
+
+D_IN, D, N_OUT, N_BLOCKS = 6, 12, 5, 8
+
+
+def build_blocks(seed: int) -> list[nn.Module]:
+    """Eight blocks: twobp linears, a torch LayerNorm (grads at p1 time), a parameter-free
+    block (a stage with no p2 at all), and odd widths."""
+    torch.manual_seed(seed)
+    return [
+        nn.Sequential(twobp.TwoBPLinear(D_IN, D), nn.GELU()),
+        nn.Sequential(twobp.TwoBPLinear(D, D), nn.Tanh()),
+        nn.LayerNorm(D),
+        nn.Tanh(),
+        nn.Sequential(twobp.TwoBPLinear(D, D, bias=False), nn.ReLU(), twobp.TwoBPLinear(D, D)),
+        nn.Sequential(twobp.TwoBPLinear(D, D), nn.SiLU()),
+        twobp.TwoBPLinear(D, D),
+        twobp.TwoBPLinear(D, N_OUT),
+    ]
+
+
+def make_batch(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(n, D_IN, generator=g), torch.randint(0, N_OUT, (n,), generator=g)
+
+
+def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, target)
+
+
+def reference(seed: int, n: int, lr: float | None = None) -> dict:
+    """One process, whole model, full batch: the ground truth."""
+    model = nn.Sequential(*build_blocks(seed))
+    x, y = make_batch(seed, n)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    out = {"loss": float(loss.detach()), "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+    if lr is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+        out["params"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return out
+
+
+def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> dict:
+    """Run every (name, twobp, chunks, m, lr) case once; return per case this rank's loss,
+    grads (global names), params after an SGD step when lr is set, and store state; and
+    under "tied" what building a model with a tied embedding/head said."""
+    torch.set_num_threads(1)
+    out = {"tied": tied_case(rank, world)}
+    for case in cases:
+        name, use_2bp, chunks, m, lr = case
+        sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks)
+        ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60)
+        opt = torch.optim.SGD(ex.parameters(), lr=lr) if lr is not None else None
+        x, y = make_batch(seed, n)
+        res = ex.step(x, y, optimizer=opt, measure=case in cases[:2])
+        out[case] = {
+            "loss": res.loss,
+            "grads": {k: p.grad.clone() for k, p in ex.named_parameters() if p.grad is not None},
+            "params": {k: p.detach().clone() for k, p in ex.named_parameters()},
+            "store_empty": res.store_empty and twobp.default_store().is_empty(),
+            "peak_store_bytes": res.peak_store_bytes,
+            "costs": res.costs,
+            "trace": res.timeline.to_trace() if res.timeline is not None else None,
+        }
+    return out
+
+
+def die_or_hang(rank: int, world: int, mode: str) -> str:
+    """Rank 1 dies (``exit``) or never answers (``hang``); rank 0 runs a step."""
+    torch.set_num_threads(1)
+    if rank == 1:
+        if mode == "exit":
+            os._exit(3)
+        time.sleep(600)
+    sched = make_schedule("1f1b", stages=world, microbatches=4, twobp=True)
+    ex = PipelineExecutor(build_blocks(0), loss_fn, schedule=sched, timeout=3)
+    x, y = make_batch(0, 8)
+    ex.step(x, y, measure=False)
+    return "finished?"
+
+
+def tied_blocks(seed: int, vocab: int = 11) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    emb = nn.Embedding(vocab, D)
+    head = twobp.TwoBPLinear(D, vocab, bias=False)
+    head.weight = emb.weight  # tied input embedding and output head
+    return [emb, nn.Sequential(twobp.TwoBPLinear(D, D), nn.Tanh()), twobp.TwoBPLinear(D, D), head]
+
+
+def tied_case(rank: int, world: int) -> str:
+    sched = make_schedule("1f1b", stages=world, microbatches=2, twobp=True)
+    try:
+        PipelineExecutor(tied_blocks(0), lambda o, t: o.mean(), schedule=sched)
+    except ValueError as e:
+        return str(e)
+    return "accepted"

@@ -1,0 +1,101 @@
+"""Point-to-point transport between pipeline ranks over torch.distributed.
+
+Each message is a small int64 header (dtype code, rank, shape) followed by the payload,
+so a receiver needs no shape information in advance. Sends are asynchronous
+(``isend``; the handle is kept until :meth:`P2P.drain`), receives block with a timeout.
+
+Tags: gloo matches messages by (peer, tag), so every message gets its own tag and the
+order of posting does not matter. NCCL ignores tags and matches in posting order per
+pair of ranks; the executor posts in schedule order, which pairs correctly when each
+rank receives a peer's messages in the order the peer sends them (true for every
+generated schedule).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["P2P", "CommTimeout"]
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+_MAX_DIMS = 8
+
+
+class CommTimeout(RuntimeError):
+    """A peer did not deliver within the timeout (dead, hung, or a mismatched schedule)."""
+
+
+class P2P:
+    """Send/receive tensors to/from pipeline ranks ``0..world-1`` of ``group``."""
+
+    def __init__(self, *, rank: int, device: torch.device, timeout: float,
+                 group: dist.ProcessGroup | None = None):
+        self.rank = rank
+        self.device = device
+        self.timeout = timeout
+        self.group = group
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        # NCCL moves only device tensors; gloo only CPU ones.
+        backend = dist.get_backend(group)
+        self._header_device = device if backend == "nccl" else torch.device("cpu")
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        """Post ``tensor`` to pipeline rank ``dst`` without waiting."""
+        if tensor.dim() > _MAX_DIMS:
+            raise ValueError(f"cannot send a {tensor.dim()}-d tensor; at most {_MAX_DIMS} dims")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"cannot send dtype {tensor.dtype}; supported: {_DTYPES}")
+        head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
+        head[0] = _DTYPES.index(tensor.dtype)
+        head[1] = tensor.dim()
+        head[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        head = head.to(self._header_device)
+        payload = tensor.detach().contiguous()
+        for t, tg in ((head, 2 * tag), (payload, 2 * tag + 1)):
+            work = dist.isend(t, self._global(dst), group=self.group, tag=tg)
+            self._pending.append((work, t))
+        self._reap()
+
+    def recv(self, src: int, tag: int, describe: Callable[[], str]) -> torch.Tensor:
+        """Receive the tensor pipeline rank ``src`` sent under ``tag``; blocks up to the
+        timeout, then raises :class:`CommTimeout` with ``describe()`` in the message."""
+        head = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self._header_device)
+        self._wait(dist.irecv(head, self._global(src), group=self.group, tag=2 * tag), src, describe)
+        head = head.cpu()
+        dtype, ndim = _DTYPES[int(head[0])], int(head[1])
+        out = torch.empty(tuple(int(x) for x in head[2:2 + ndim]), dtype=dtype, device=self.device)
+        self._wait(dist.irecv(out, self._global(src), group=self.group, tag=2 * tag + 1), src, describe)
+        return out
+
+    def _wait(self, work: dist.Work, src: int, describe: Callable[[], str]) -> None:
+        try:
+            ok = work.wait(datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            raise CommTimeout(
+                f"rank {self.rank}: receive from rank {src} failed ({describe()}): "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Is rank {src} alive, "
+                "and do both ranks run the same schedule?") from e
+        if ok is False:
+            raise CommTimeout(f"rank {self.rank}: no message from rank {src} within "
+                              f"{self.timeout:g} s ({describe()})")
+
+    def _reap(self) -> None:
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def drain(self) -> None:
+        """Wait for every posted send (end of step), up to the timeout each."""
+        for work, _ in self._pending:
+            try:
+                work.wait(datetime.timedelta(seconds=self.timeout))
+            except RuntimeError as e:
+                raise CommTimeout(f"rank {self.rank}: a send did not complete within "
+                                  f"{self.timeout:g} s: {str(e).splitlines()[0]}") from e
+        self._pending.clear()

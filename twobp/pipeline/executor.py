@@ -1,0 +1,350 @@
+"""Run a schedule for real: one process per pipeline rank, torch.distributed between them.
+
+Per step, every rank walks its own list of the explicit form (:func:`lower_comm`):
+
+* ``RF``/``RB``: receive an activation / output gradient (blocking, with a timeout);
+* ``F``: forward of one micro-batch through this rank's stage module. If the schedule
+  splits that micro-batch's backward (it has a ``P1``), the forward runs inside
+  ``twobp.split_backward(microbatch=mb)``, so the twobp modules park what p2 needs in
+  the activation store. The last stage applies the loss;
+* ``P1`` / ``B``: ``torch.autograd.backward`` of the stage output with the received
+  gradient (or of the scaled loss). Under a split forward this is p1 only: input
+  gradients, plus the gradients of parameters outside twobp modules; otherwise it is the
+  full backward;
+* ``P2``: ``twobp.backward_p2(stage, microbatches=mbs)``, one batched launch per module;
+* ``SF``/``SB``: post the send and go on.
+
+Loss scaling: with micro-batch sizes ``n_i`` summing to ``N`` and ``loss_fn`` returning
+the mean over its micro-batch, micro-batch i's loss is scaled by ``n_i / N`` before its
+backward, so the accumulated gradients and the summed loss equal those of the
+full-batch mean loss on one process.
+
+Stage boundaries carry one floating tensor each way; stage inputs are detached and made
+to require grad, so each stage's autograd graph ends at its own input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .actions import Schedule
+from .comm import P2P
+from .lowering import comm_peer, lower_comm, message_key
+from .partition import BlockLike, Partition, partition_blocks
+from .timeline import Event, Timeline
+from .validate import validate
+
+__all__ = ["PipelineExecutor", "StepResult", "PipelineError", "measured_costs"]
+
+
+class PipelineError(RuntimeError):
+    """An action failed on this rank; the message shows where in the schedule."""
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`PipelineExecutor.step` returns (the same on every rank)."""
+
+    loss: float
+    """Full-batch mean loss (the sum of the scaled micro-batch losses)."""
+    timeline: Timeline | None
+    """Every rank's actions in seconds from the step start (None when ``measure=False``)."""
+    costs: dict | None
+    """Measured per-stage costs in the ``costs`` mapping form (see :func:`measured_costs`)."""
+    peak_store_bytes: int
+    """Peak bytes in this rank's twobp activation store during the step."""
+    store_empty: bool
+    """Whether this rank's activation store and executor buffers were empty afterwards."""
+
+
+class _Clock:
+    """Timestamps on CPU (perf_counter) or on the current CUDA stream (events)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def start(self) -> None:
+        self.marks = []
+        if self.cuda:
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def mark(self) -> int:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.t0.elapsed_time(ev) / 1e3 for ev in self.marks]
+        return [t - self.t0 for t in self.marks]
+
+
+class PipelineExecutor:
+    """This rank's share of a pipelined model and the loop that runs a schedule on it.
+
+    ``blocks``: the model as a sequence of blocks (``nn.Sequential``, list of modules, or
+    list of module factories so that only this rank's blocks get built); ``loss_fn(output,
+    target)`` is applied after the last block and must return the mean over the
+    micro-batch. ``schedule``: any valid :class:`Schedule` with ``stages`` equal to the
+    number of ranks in ``group``. ``block_costs`` / ``bounds``: balance stages by measured
+    block times, or give the cut explicitly (default: by block count).
+    ``timeout``: seconds a receive may wait before the step fails with a clear error.
+    """
+
+    def __init__(self, blocks: Sequence[BlockLike] | nn.Sequential,
+                 loss_fn: Callable[..., torch.Tensor], *, schedule: Schedule,
+                 rank: int | None = None, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None,
+                 block_costs: Sequence[float] | None = None, bounds: Sequence[int] | None = None,
+                 timeout: float = 300.0):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: start the ranks with "
+                               "twobp.pipeline.spawn(...) or under torchrun with init_from_env()")
+        world = dist.get_world_size(group)
+        if world != schedule.stages:
+            raise ValueError(f"schedule {schedule.name!r} is for {schedule.stages} ranks but the "
+                             f"process group has {world}; build it with stages={world}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        validate(schedule)
+        self.schedule = schedule
+        self.rank = dist.get_rank(group) if rank is None else rank
+        self.group = group
+        if device is None:
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        self.device = torch.device(device)
+        self.loss_fn = loss_fn
+        self.timeout = timeout
+        p, v = schedule.stages, schedule.chunks
+        mine = [schedule.stage_of(self.rank, c) for c in range(v)]
+        self.partition: Partition
+        self.partition, built = partition_blocks(blocks, num_stages=p * v, ranks=p,
+                                                 stages_wanted=mine, costs=block_costs,
+                                                 bounds=bounds)
+        self.stages: dict[int, nn.Sequential] = {c: built[s].to(self.device)
+                                                 for c, s in enumerate(mine)}
+        self._lowered = lower_comm(schedule)
+        self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
+        self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group)
+        self._clock = _Clock(self.device)
+
+    def parameters(self):
+        """Parameters of this rank's stages (for the optimizer)."""
+        for c in sorted(self.stages):
+            yield from self.stages[c].parameters()
+
+    def named_parameters(self):
+        """(global qualified name, parameter): names match the whole model's ``nn.Sequential``."""
+        seen = set()
+        for c in sorted(self.stages):
+            for name, prm in self.stages[c].named_parameters():
+                if id(prm) not in seen:
+                    seen.add(id(prm))
+                    yield name, prm
+
+    def _tag(self, key: tuple[str, int, int]) -> int:
+        what, mb, s = key
+        return ((0 if what == "act" else 1) * self.schedule.num_stages + s) \
+            * self.schedule.microbatches + mb
+
+    def step(self, inputs: torch.Tensor, targets: Any = None, *,
+             optimizer: torch.optim.Optimizer | None = None, zero_grad: bool = True,
+             measure: bool = True) -> StepResult:
+        """One training step over the full batch ``inputs`` (split along dim 0 into the
+        schedule's micro-batches). Every rank passes the same batch; only the first
+        stage reads ``inputs`` and only the last reads ``targets``.
+
+        ``zero_grad``: clear this rank's ``.grad`` first. ``optimizer``: stepped after the
+        schedule. ``measure``: gather every rank's timeline and measured costs (one small
+        collective).
+        """
+        import twobp
+
+        sched, m = self.schedule, self.schedule.microbatches
+        if inputs.shape[0] < m:
+            raise ValueError(f"batch of {inputs.shape[0]} rows cannot make {m} micro-batches; "
+                             f"use at least {m} rows or fewer micro-batches")
+        xs = torch.tensor_split(inputs, m)
+        ts = torch.tensor_split(targets, m) if isinstance(targets, torch.Tensor) else [targets] * m
+        sizes = [x.shape[0] for x in xs]
+        total = sum(sizes)
+        store = twobp.default_store()
+        store.begin_step()  # raises LeakError if something was left from before
+        if zero_grad:
+            for prm in self.parameters():
+                prm.grad = None
+        if measure:
+            self._collective("the start-of-step barrier", dist.barrier, group=self.group)
+        self._clock.start()
+        S, last = sched.num_stages, sched.num_stages - 1
+        acts = self._lowered.ranks[self.rank]
+        act_in: dict[tuple[int, int], torch.Tensor] = {}
+        grad_in: dict[tuple[int, int], torch.Tensor] = {}
+        saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        out_act: dict[tuple[int, int], torch.Tensor] = {}
+        out_grad: dict[tuple[int, int], torch.Tensor] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        records = []  # (text, kind, mark0, mark1, message key or None)
+        i = -1
+        try:
+            for i, a in enumerate(acts):
+                key = (a.mb, a.chunk)
+                s = sched.stage_of(self.rank, a.chunk)
+                t0 = self._clock.mark()
+                if a.kind in ("RF", "RB"):
+                    mk = message_key(sched, self.rank, a)
+                    peer = comm_peer(sched, self.rank, a)
+                    what = "activation" if a.kind == "RF" else "gradient"
+                    got = self._p2p.recv(peer, self._tag(mk),
+                                         lambda: f"{a}: micro-batch {a.mb}'s {what}")
+                    (act_in if a.kind == "RF" else grad_in)[key] = got
+                    records.append((str(a), "recv", t0, self._clock.mark(), mk))
+                    continue
+                if a.kind in ("SF", "SB"):
+                    mk = message_key(sched, self.rank, a)
+                    tensor = (out_act if a.kind == "SF" else out_grad).pop(key)
+                    self._p2p.send(tensor, comm_peer(sched, self.rank, a), self._tag(mk))
+                    records.append((str(a), "send", t0, t0, mk))
+                    continue
+                module = self.stages[a.chunk]
+                if a.kind == "F":
+                    x = xs[a.mb].to(self.device) if s == 0 else act_in.pop(key)
+                    if s > 0 and x.is_floating_point():
+                        x = x.detach().requires_grad_(True)
+                    ctx = (twobp.split_backward(microbatch=a.mb) if key in self._split
+                           else contextlib.nullcontext())
+                    with ctx:
+                        y = module(x)
+                    if s == last:
+                        t = ts[a.mb]
+                        if isinstance(t, torch.Tensor):
+                            t = t.to(self.device)
+                        loss = self.loss_fn(y, t) if t is not None else self.loss_fn(y)
+                        y = loss * (sizes[a.mb] / total)
+                        loss_sum += y.detach().double()
+                    else:
+                        nxt_rank, nxt_chunk = sched.place(s + 1)
+                        if nxt_rank == self.rank:
+                            act_in[(a.mb, nxt_chunk)] = y.detach()
+                        else:
+                            out_act[key] = y.detach()
+                    saved[key] = (x, y)
+                elif a.kind in ("P1", "B"):
+                    x, y = saved.pop(key)
+                    if y.requires_grad:
+                        if s == last:
+                            torch.autograd.backward(y)
+                        else:
+                            torch.autograd.backward(y, grad_in.pop(key))
+                    elif s < last:
+                        grad_in.pop(key)
+                    if s > 0:
+                        dx = x.grad if x.grad is not None else torch.zeros_like(x)
+                        prv_rank, prv_chunk = sched.place(s - 1)
+                        if prv_rank == self.rank:
+                            grad_in[(a.mb, prv_chunk)] = dx
+                        else:
+                            out_grad[key] = dx
+                    del x, y
+                elif a.kind == "P2":
+                    ready = set(twobp.pending_microbatches(module))
+                    mbs = [mb for mb in a.mbs if mb in ready]
+                    if mbs:  # a stage without twobp weights has no p2 to run
+                        twobp.backward_p2(module, microbatches=mbs, batched=True)
+                records.append((str(a), a.kind, t0, self._clock.mark(), None))
+            self._p2p.drain()
+        except Exception as e:
+            raise PipelineError(
+                f"rank {self.rank} failed at {acts[i] if 0 <= i < len(acts) else '?'} "
+                f"(step {i}) of schedule {sched.name!r}: {type(e).__name__}: {e}\n"
+                f"{self._where(i)}") from e
+        empty = (store.is_empty() and not (act_in or grad_in or saved or out_act or out_grad))
+        peak = store.peak_bytes
+        if dist.get_world_size(self.group) > 1:
+            src = sched.place(last)[0]
+            self._collective("the loss broadcast", dist.broadcast, loss_sum,
+                             src=src if self.group is None else dist.get_global_rank(self.group, src),
+                             group=self.group)
+        if optimizer is not None:
+            optimizer.step()
+        timeline = costs = None
+        if measure:
+            secs = self._clock.seconds()
+            mine = [(self.rank, txt, kind, secs[a], secs[b], mk) for txt, kind, a, b, mk in records]
+            gathered: list = [None] * dist.get_world_size(self.group)
+            self._collective("gathering the timelines", dist.all_gather_object, gathered, mine,
+                             group=self.group)
+            rows = [row for part in gathered for row in part]
+            timeline = Timeline(ranks=sched.stages, title=f"{sched.name} (measured)",
+                                events=[Event(r, txt, kind, a, b) for r, txt, kind, a, b, _ in rows
+                                        if kind != "send"])
+            costs = measured_costs(sched, rows)
+        return StepResult(loss=float(loss_sum), timeline=timeline, costs=costs,
+                          peak_store_bytes=peak, store_empty=empty)
+
+    def _collective(self, what: str, fn, *args, **kwargs) -> None:
+        # Collectives wait on every rank; say which step of the executor hung or failed.
+        try:
+            fn(*args, **kwargs)
+        except RuntimeError as e:
+            raise PipelineError(
+                f"rank {self.rank}: {what} failed (a rank is dead, hung, or past the "
+                f"process-group timeout): {str(e).splitlines()[0] if str(e) else e!r}") from e
+
+    def _where(self, i: int) -> str:
+        acts = self._lowered.ranks[self.rank]
+        lo, hi = max(0, i - 6), min(len(acts), i + 7)
+        shown = " ".join(f">{a}<" if j == i else str(a) for j, a in enumerate(acts[lo:hi], lo))
+        return (f"rank {self.rank}, step {i}: {'... ' if lo else ''}{shown}"
+                f"{' ...' if hi < len(acts) else ''}")
+
+
+def measured_costs(schedule: Schedule, rows: Sequence[tuple]) -> dict:
+    """Per-stage medians of measured action times, in the ``costs`` mapping form.
+
+    ``rows``: ``(rank, action text, kind, start, end, message key)`` from every rank.
+    ``F``, ``P1``, ``B`` are per micro-batch; ``P2`` is a batched launch's time divided by
+    its micro-batches. ``comm``: median delay from a send being posted to the receive
+    ending, over receives that were already waiting when the send was posted (others
+    say nothing about the link); 0 when there were none. Kinds that did not run (P1/P2
+    in a fused run, B in a split one) are left out, so a 2BP run gives what ``auto``
+    needs: ``Costs.from_mapping(result.costs)``.
+    """
+    from .actions import parse_action
+
+    S = schedule.num_stages
+    per: dict[str, list[list[float]]] = {k: [[] for _ in range(S)] for k in ("F", "P1", "P2", "B")}
+    sends, recvs = {}, []
+    for rank, txt, kind, t0, t1, mk in rows:
+        if kind == "send":
+            sends[mk] = t0
+        elif kind == "recv":
+            recvs.append((mk, t0, t1))
+        elif kind in per:
+            a = parse_action(txt)
+            per[kind][schedule.stage_of(rank, a.chunk)].append((t1 - t0) / len(a.mbs))
+    out: dict[str, Any] = {}
+    for kind, lists in per.items():
+        if all(lists):
+            out[kind] = [statistics.median(x) for x in lists]
+    samples = [t1 - sends[mk] for mk, t0, t1 in recvs if mk in sends and t0 <= sends[mk]]
+    out["comm"] = max(0.0, statistics.median(samples)) if samples else 0.0
+    return out
