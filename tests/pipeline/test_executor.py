@@ -157,3 +157,20 @@ def test_dead_or_silent_rank_fails_fast_with_a_clear_error(mode, culprit, patter
     assert info.value.rank == culprit
     assert __import__("re").search(pattern, str(info.value)), str(info.value)
     assert took < 60, f"took {took:.0f} s"
+
+
+@pytest.mark.timeout(150)
+def test_under_torchrun():
+    import os
+    import subprocess
+
+    from twobp.pipeline.launch import free_port
+
+    script = Path(__file__).parent / "_torchrun_main.py"
+    env = {**os.environ, **ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", str(script)],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0/2 OK" in proc.stdout and "rank 1/2 OK" in proc.stdout

@@ -212,3 +212,16 @@ def test_every_schedule_covers_all_work_exactly_once():
                     assert counts.get(("P1", mb, c)) == 1 and counts.get(("P2", mb, c)) == 1
                 else:
                     assert counts.get(("B", mb, c)) == 1
+
+
+def test_generated_schedules_keep_fifo_order_per_rank_pair():
+    from twobp.pipeline.validate import fifo_violations
+
+    for name, twobp, p, m, v in CASES:
+        s = make_schedule(name, stages=p, microbatches=m, twobp=twobp, chunks=v)
+        assert fifo_violations(s) == [], (name, twobp, p, m, v)
+    # receiving mb 1 before mb 0 is fine for gloo (tags) but flagged for NCCL
+    r0 = [F(0), F(1), P1(0), P1(1), P2([0, 1])]
+    r1 = [F(1), F(0), P1(0), P1(1), P2([0, 1])]
+    bad = fifo_violations(_two_rank(r0, r1))
+    assert bad == ["rank 0 sends SF0.0 to rank 1, whose next receive from it is RF1.0"]

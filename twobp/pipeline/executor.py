@@ -40,7 +40,7 @@ from .comm import P2P
 from .lowering import comm_peer, lower_comm, message_key
 from .partition import BlockLike, Partition, partition_blocks
 from .timeline import Event, Timeline
-from .validate import validate
+from .validate import fifo_violations, validate
 
 __all__ = ["PipelineExecutor", "StepResult", "PipelineError", "measured_costs"]
 
@@ -124,6 +124,13 @@ class PipelineExecutor:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         validate(schedule)
+        if dist.get_backend(group) == "nccl":
+            bad = fifo_violations(schedule)
+            if bad:
+                raise ValueError(
+                    f"schedule {schedule.name!r} receives messages out of the order they are "
+                    f"sent, which NCCL (no tags) would mismatch: {bad[0]}. Reorder the receives "
+                    "or use gloo")
         self.schedule = schedule
         self.rank = dist.get_rank(group) if rank is None else rank
         self.group = group
