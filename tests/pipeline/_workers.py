@@ -109,3 +109,34 @@ def tied_case(rank: int, world: int) -> str:
     except ValueError as e:
         return str(e)
     return "accepted"
+
+
+def tied_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
+def tied_reference(seed: int, n: int, t: int = 3, vocab: int = 11) -> dict:
+    model = nn.Sequential(*tied_blocks(seed, vocab))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    tgt = torch.randint(0, vocab, (n, t), generator=g)
+    loss = tied_loss(model(ids), tgt)
+    loss.backward()
+    return {"loss": float(loss.detach()), "ids": ids, "tgt": tgt,
+            "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+
+
+def run_single_rank(rank: int, world: int, seed: int, n: int) -> dict:
+    """World of one: chunks on one rank hand activations over locally, and a tied
+    embedding/head (both on this rank) is accepted and gets the sum of both gradients."""
+    torch.set_num_threads(1)
+    ref = tied_reference(seed, n)
+    out = {}
+    for name, use_2bp, chunks in [("interleaved-1f1b", True, 2), ("gpipe", False, 4),
+                                  ("auto", True, 2)]:
+        sched = make_schedule(name, stages=1, microbatches=3, twobp=use_2bp, chunks=chunks)
+        ex = PipelineExecutor(tied_blocks(seed), tied_loss, schedule=sched, timeout=30)
+        res = ex.step(ref["ids"], ref["tgt"], measure=True)
+        out[sched.name] = {"loss": res.loss, "store_empty": res.store_empty,
+                           "grads": {k: p.grad.clone() for k, p in ex.named_parameters()}}
+    return out

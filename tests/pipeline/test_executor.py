@@ -174,3 +174,18 @@ def test_under_torchrun():
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0/2 OK" in proc.stdout and "rank 1/2 OK" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_single_rank_local_handoff_and_tied_weights_on_one_rank():
+    (got,) = spawn(W.run_single_rank, world_size=1, args=(SEED, 7), timeout=30,
+                   join_timeout=100, env=ENV)
+    ref = W.tied_reference(SEED, 7)
+    assert set(got) == {"interleaved-1f1b-2bp", "gpipe", "auto-2bp"}
+    for name, res in got.items():
+        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-6), name
+        assert res["store_empty"], name
+        # the tied weight appears once, under the embedding's name, with both uses summed
+        assert set(res["grads"]) == {"0.weight", "1.0.weight", "1.0.bias", "2.weight", "2.bias"}
+        for k, g in res["grads"].items():
+            torch.testing.assert_close(g, ref["grads"][k], rtol=1e-5, atol=1e-6)

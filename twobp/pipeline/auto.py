@@ -18,10 +18,12 @@ general), so ``auto`` is a heuristic:
    and respects the memory limit, until no move helps or ``max_evals`` simulations ran.
    Deterministic: every rank that builds the schedule gets the same one.
 
-How far from optimal. The result is never worse than the best candidate, so never worse
-than 2BP 1F1B or ZB-H1 under the same costs, and it is a local optimum for single-P2
-moves. It is compared with a lower bound that holds for any P2 placement with these F
-and P1 costs (stored in ``schedule.meta``; :func:`auto_report` formats it):
+How far from optimal. The result is never worse than the best candidate that fits the
+memory limit, so never worse than 2BP 1F1B (no limit) or ZB-H1 (limit >= p) under the
+same costs, and it is a local optimum for single-P2 moves (F and P1 orders stay fixed,
+so a schedule needing another F/P1 interleaving is out of its reach). It is compared
+with a lower bound that holds for every schedule with these costs, memory aside (stored
+in ``schedule.meta``; :func:`auto_report` formats it):
 
     LB = max( max_r (head_r + work_r),  Σ_s (F_s + P1_s) + 2 Σ_{s<S-1} comm_s + P2_0 )
 

@@ -1,4 +1,4 @@
-"""Greedy list scheduling on a cost model: the engine behind ``zb-h1`` and ``auto``.
+"""Greedy list scheduling on a cost model: one of ``auto``'s starting candidates.
 
 Time advances event by event. Whenever a rank is free, it picks among the actions it
 could start *now* (inputs arrived), by a fixed priority:
