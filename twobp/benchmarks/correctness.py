@@ -86,9 +86,14 @@ def _check_case(case, device: torch.device, dtype: torch.dtype) -> list[CheckRow
     gen = torch.Generator().manual_seed(1234)
     op, inputs, params = case.build(torch.device("cpu"), torch.float32, gen)
     inputs = tuple(t.to(device, dtype) for t in inputs)
-    params = tuple(p.to(device, dtype) if p is not None else None for p in params)
-    dy = torch.randn(case.torch_fn(*inputs, *params).shape, generator=gen).to(device, dtype)
+    # trainable, so the ops save what p2 needs; the ops themselves run outside autograd
+    params = tuple(p.to(device, dtype).requires_grad_() if p is not None else None for p in params)
+    with torch.no_grad():
+        dy = torch.randn(case.torch_fn(*inputs, *params).shape, generator=gen).to(device, dtype)
+        return _check_outputs(case, op, inputs, params, dy, gen, device, dtype)
 
+
+def _check_outputs(case, op, inputs, params, dy, gen, device, dtype) -> list[CheckRow]:
     _poison_allocator(device)
     y, p1, p2 = op.forward(inputs, params, save_p1=True, save_p2=True)
     _poison_allocator(device)
@@ -102,9 +107,10 @@ def _check_case(case, device: torch.device, dtype: torch.dtype) -> list[CheckRow
 
     x64 = [t.detach().double().cpu().requires_grad_() for t in inputs]
     p64 = [p.detach().double().cpu().requires_grad_() if p is not None else None for p in params]
-    y64 = case.torch_fn(*x64, *p64)
-    wrt = x64 + [p for p in p64 if p is not None]
-    g64 = torch.autograd.grad(y64, wrt, dy.double().cpu())
+    with torch.enable_grad():
+        y64 = case.torch_fn(*x64, *p64)
+        wrt = x64 + [p for p in p64 if p is not None]
+        g64 = torch.autograd.grad(y64, wrt, dy.double().cpu())
     tol = TOLERANCE[dtype]
     rows = [CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), "y", _rel(y, y64), tol)]
     for i, dx in enumerate(dxs):

@@ -168,7 +168,14 @@ def default_cases(tokens: int, images: int) -> list[OpCase]:
 def _bench_case(case: OpCase, device: torch.device, dtype: torch.dtype, micro: int, reps: int) -> list[BenchRow]:
     gen = torch.Generator().manual_seed(0)
     op, inputs, params = case.build(device, dtype, gen)
+    # ops save for p2 only what a trainable parameter needs; the ops themselves run under no_grad
+    params = tuple(p.requires_grad_() if p is not None else None for p in params)
     backend = resolve_backend(device)
+    with torch.no_grad():
+        return _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
+
+
+def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend) -> list[BenchRow]:
     y, p1, p2 = op.forward(inputs, params, save_p1=True, save_p2=True)
     dy = torch.randn_like(y)
     needs = tuple(True for _ in inputs)
@@ -177,11 +184,15 @@ def _bench_case(case: OpCase, device: torch.device, dtype: torch.dtype, micro: i
 
     t_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     t_params = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
-    t_y = case.torch_fn(*t_inputs, *t_params)
+    with torch.enable_grad():
+        t_y = case.torch_fn(*t_inputs, *t_params)
     t_p = [p for p in t_params if p is not None]
 
     def t_grad(wrt):
-        return lambda: torch.autograd.grad(t_y, wrt, dy, retain_graph=True)
+        def run():
+            with torch.enable_grad():
+                return torch.autograd.grad(t_y, wrt, dy, retain_graph=True)
+        return run
 
     def time(fn):
         return median_seconds(fn, device=device, reps=reps) * 1e3
@@ -204,9 +215,10 @@ def _bench_case(case: OpCase, device: torch.device, dtype: torch.dtype, micro: i
             rate *= torch.finfo(dtype).bits / 8
         rows.append(BenchRow(case.op_name, case.shape, phase, ms, tms, rate, case.unit, backend))
 
+    micro = min(micro, inputs[0].shape[0])
     if has_dw and micro > 1:
         # batched p2: m micro-batches of rows/m each, one call vs m calls (same total work)
-        splits = [torch.chunk(t, micro, dim=0) for t in (*inputs, dy)]
+        splits = [torch.tensor_split(t, micro, dim=0) for t in (*inputs, dy)]
         saved = []
         for i in range(micro):
             _, _, p2_i = op.forward(tuple(s[i] for s in splits[:-1]), params, save_p1=False, save_p2=True)
