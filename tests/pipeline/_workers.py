@@ -62,9 +62,10 @@ def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> d
     torch.set_num_threads(1)
     out = {"tied": tied_case(rank, world)}
     for case in cases:
-        name, use_2bp, chunks, m, lr = case
+        name, use_2bp, chunks, m, lr = case[:5]
         sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks)
-        ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60)
+        ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60,
+                              one_way_channels="channels" in case)
         opt = torch.optim.SGD(ex.parameters(), lr=lr) if lr is not None else None
         x, y = make_batch(seed, n)
         res = ex.step(x, y, optimizer=opt, measure=case in cases[:2])

@@ -26,7 +26,9 @@ def cases_for(world):
     m = 2 * world
     out = [(name, use_2bp, 2 if name == "interleaved-1f1b" else 1, m, None)
            for name in SCHEDULE_NAMES for use_2bp in (False, True)]
-    out += [("gpipe", True, 2, m, None), ("auto", True, 2, m, None), ("1f1b", True, 1, m, 0.1)]
+    out += [("gpipe", True, 2, m, None), ("auto", True, 2, m, None), ("1f1b", True, 1, m, 0.1),
+            # the per-direction process groups NCCL uses, exercised here on gloo
+            ("interleaved-1f1b", True, 2, m, None, "channels")]
     return out
 
 
@@ -48,7 +50,8 @@ def run_world(world):
 
 
 def _ids(cases):
-    return [f"{n}{'-2bp' if b else ''}-v{c}{'-sgd' if lr else ''}" for n, b, c, m, lr in cases]
+    return [f"{n}{'-2bp' if b else ''}-v{c}{'-sgd' if lr else ''}{'-ch' if rest else ''}"
+            for n, b, c, m, lr, *rest in cases]
 
 
 @pytest.mark.timeout(300)

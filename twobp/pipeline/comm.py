@@ -8,7 +8,14 @@ Tags: gloo matches messages by (peer, tag), so every message gets its own tag an
 order of posting does not matter. NCCL ignores tags and matches in posting order per
 pair of ranks; the executor posts in schedule order, which pairs correctly when each
 rank receives a peer's messages in the order the peer sends them (true for every
-generated schedule).
+generated schedule; :func:`twobp.pipeline.validate.fifo_violations` checks it).
+
+One-way channels: NCCL runs a pair's sends and receives, both directions, in order on one
+stream, and a large send does not finish until its receive runs. Rank 0's queued
+"send activation 1" and rank 1's queued "send gradient 0" can then wait on each other
+(each one's receive sits behind its own send). With ``channels`` (one two-rank process
+group per *ordered* pair, built by :func:`one_way_channels`), each stream carries one
+direction only and that cycle cannot form. The executor builds them on NCCL.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["P2P", "CommTimeout"]
+__all__ = ["P2P", "CommTimeout", "one_way_channels"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -30,15 +37,29 @@ class CommTimeout(RuntimeError):
     """A peer did not deliver within the timeout (dead, hung, or a mismatched schedule)."""
 
 
+def one_way_channels(pairs: list[tuple[int, int]]) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """A two-rank process group for each ordered pair ``(src, dst)`` of global ranks.
+
+    Collective: every rank of the world must call it with the same ``pairs``.
+    """
+    return {pair: dist.new_group(ranks=sorted(pair)) for pair in pairs}
+
+
 class P2P:
-    """Send/receive tensors to/from pipeline ranks ``0..world-1`` of ``group``."""
+    """Send/receive tensors to/from pipeline ranks ``0..world-1`` of ``group``.
+
+    ``channels``: optional ``{(src, dst): group}`` from :func:`one_way_channels`, keyed by
+    pipeline ranks; a message from src to dst then travels on that group.
+    """
 
     def __init__(self, *, rank: int, device: torch.device, timeout: float,
-                 group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None,
+                 channels: dict[tuple[int, int], dist.ProcessGroup] | None = None):
         self.rank = rank
         self.device = device
         self.timeout = timeout
         self.group = group
+        self.channels = channels or {}
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         # NCCL moves only device tensors; gloo only CPU ones.
         backend = dist.get_backend(group)
@@ -60,7 +81,8 @@ class P2P:
         head = head.to(self._header_device)
         payload = tensor.detach().contiguous()
         for t, tg in ((head, 2 * tag), (payload, 2 * tag + 1)):
-            work = dist.isend(t, self._global(dst), group=self.group, tag=tg)
+            work = dist.isend(t, self._global(dst), group=self.channels.get((self.rank, dst), self.group),
+                              tag=tg)
             self._pending.append((work, t))
         self._reap()
 
@@ -68,11 +90,12 @@ class P2P:
         """Receive the tensor pipeline rank ``src`` sent under ``tag``; blocks up to the
         timeout, then raises :class:`CommTimeout` with ``describe()`` in the message."""
         head = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self._header_device)
-        self._wait(dist.irecv(head, self._global(src), group=self.group, tag=2 * tag), src, describe)
+        grp = self.channels.get((src, self.rank), self.group)
+        self._wait(dist.irecv(head, self._global(src), group=grp, tag=2 * tag), src, describe)
         head = head.cpu()
         dtype, ndim = _DTYPES[int(head[0])], int(head[1])
         out = torch.empty(tuple(int(x) for x in head[2:2 + ndim]), dtype=dtype, device=self.device)
-        self._wait(dist.irecv(out, self._global(src), group=self.group, tag=2 * tag + 1), src, describe)
+        self._wait(dist.irecv(out, self._global(src), group=grp, tag=2 * tag + 1), src, describe)
         return out
 
     def _wait(self, work: dist.Work, src: int, describe: Callable[[], str]) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from .actions import Schedule
 from .comm import P2P
+from .comm import one_way_channels as _one_way_channels
 from .lowering import comm_peer, lower_comm, message_key
 from .partition import BlockLike, Partition, partition_blocks
 from .timeline import Event, Timeline
@@ -106,6 +107,9 @@ class PipelineExecutor:
     number of ranks in ``group``. ``block_costs`` / ``bounds``: balance stages by measured
     block times, or give the cut explicitly (default: by block count).
     ``timeout``: seconds a receive may wait before the step fails with a clear error.
+    ``one_way_channels``: send each direction between two ranks on its own process group
+    (see :mod:`.comm`; default: on for NCCL). Building them is a collective over the
+    default group, so it needs ``group=None`` and every rank constructing the executor.
     """
 
     def __init__(self, blocks: Sequence[BlockLike] | nn.Sequential,
@@ -113,7 +117,7 @@ class PipelineExecutor:
                  rank: int | None = None, group: dist.ProcessGroup | None = None,
                  device: torch.device | str | None = None,
                  block_costs: Sequence[float] | None = None, bounds: Sequence[int] | None = None,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, one_way_channels: bool | None = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: start the ranks with "
                                "twobp.pipeline.spawn(...) or under torchrun with init_from_env()")
@@ -150,7 +154,17 @@ class PipelineExecutor:
                                                  for c, s in enumerate(mine)}
         self._lowered = lower_comm(schedule)
         self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
-        self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group)
+        if one_way_channels is None:
+            one_way_channels = dist.get_backend(group) == "nccl" and group is None
+        channels = None
+        if one_way_channels:
+            if group is not None:
+                raise ValueError("one_way_channels needs group=None (the channels are built "
+                                 "over the default group); pass one_way_channels=False")
+            pairs = sorted({(r, (r + d) % p) for r in range(p) for d in (1, -1) if p > 1})
+            channels = _one_way_channels(pairs)
+        self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group,
+                        channels=channels)
         self._clock = _Clock(self.device)
 
     def parameters(self):

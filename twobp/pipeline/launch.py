@@ -126,14 +126,25 @@ def spawn(fn: Callable[..., Any], *, world_size: int, args: Sequence[Any] = (),
         waiting = {**{c: ("conn", r) for r, c in enumerate(conns)},
                    **{p.sentinel: ("proc", r) for r, p in enumerate(procs)}}
 
+        failures: dict[int, tuple[str, str]] = {}  # rank -> ("died" | "failed", text)
+
         def take(rank: int) -> None:
             status, payload = conns[rank].recv()
             if status == "error":
-                raise WorkerError(rank, f"pipeline rank {rank} failed:\n{payload}")
-            results[rank] = pickle.loads(payload)
+                failures[rank] = ("failed", f"pipeline rank {rank} failed:\n{payload}")
+            else:
+                results[rank] = pickle.loads(payload)
 
-        while len(results) < world_size:
-            left = deadline - time.monotonic()
+        grace_end = None
+        while len(results) + len(failures) < world_size:
+            now = time.monotonic()
+            if failures and grace_end is None:
+                # A peer's death usually shows first as a receive error on its neighbour:
+                # wait a moment so the root cause, not the symptom, is reported.
+                grace_end = now + 1.0
+            if grace_end is not None and now >= grace_end:
+                break
+            left = min(deadline, grace_end or deadline) - now
             if left <= 0:
                 late = [r for r in range(world_size) if r not in results]
                 raise WorkerError(late[0] if late else None,
@@ -141,22 +152,23 @@ def spawn(fn: Callable[..., Any], *, world_size: int, args: Sequence[Any] = (),
                                   f"{join_timeout:g} s; killed them all")
             for obj in mp_wait(list(waiting), timeout=left):
                 what, rank = waiting.pop(obj)
-                if rank in results:
+                if rank in results or rank in failures:
                     continue
-                if what == "conn":
+                if what == "conn" or conns[rank].poll(1.0):
                     try:
                         take(rank)
                     except EOFError:
-                        pass  # closed without a message: the sentinel reports the death
-                elif conns[rank].poll(1.0):  # exited, but its message may still be in the pipe
-                    try:
-                        take(rank)
-                    except EOFError:
-                        pass
-                if what == "proc" and rank not in results:
+                        pass  # closed without a message: its sentinel reports the death
+                if what == "proc" and rank not in results and rank not in failures:
                     procs[rank].join(1)
-                    raise WorkerError(rank, f"pipeline rank {rank} died (exit code "
-                                            f"{procs[rank].exitcode}) before returning a result")
+                    failures[rank] = ("died", f"pipeline rank {rank} died (exit code "
+                                              f"{procs[rank].exitcode}) before returning a result")
+        if failures:
+            died = [r for r, (kind, _) in sorted(failures.items()) if kind == "died"]
+            first = died[0] if died else min(failures)
+            others = [text for r, (_, text) in sorted(failures.items()) if r != first]
+            raise WorkerError(first, failures[first][1] + "".join(
+                f"\n\nalso (likely a consequence): {t}" for t in others))
     finally:
         for proc in procs:
             if proc.is_alive():
