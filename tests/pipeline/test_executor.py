@@ -97,7 +97,7 @@ def test_measured_costs_and_timeline(tmp_path):
     sched = make_schedule(first[0], stages=2, microbatches=first[3], twobp=first[1])
     compute = [e for e in tl.events if e.kind in ("F", "B", "P1", "P2")]
     assert len(compute) == sum(len(a) for a in sched.ranks)
-    assert {e.kind for e in tl.events} <= {"F", "B", "recv"}
+    assert {e.kind for e in tl.events} <= {"F", "B", "recv", "send"}
     for r in range(2):  # per rank, events do not overlap and follow the schedule's order
         mine = sorted((e for e in compute if e.rank == r), key=lambda e: e.start)
         assert [e.name for e in mine] == [str(a) for a in sched.ranks[r]]

@@ -243,7 +243,7 @@ class PipelineExecutor:
                     mk = message_key(sched, self.rank, a)
                     tensor = (out_act if a.kind == "SF" else out_grad).pop(key)
                     self._p2p.send(tensor, comm_peer(sched, self.rank, a), self._tag(mk))
-                    records.append((str(a), "send", t0, t0, mk))
+                    records.append((str(a), "send", t0, self._clock.mark(), mk))
                     continue
                 module = self.stages[a.chunk]
                 if a.kind == "F":
@@ -315,8 +315,7 @@ class PipelineExecutor:
                              group=self.group)
             rows = [row for part in gathered for row in part]
             timeline = Timeline(ranks=sched.stages, title=f"{sched.name} (measured)",
-                                events=[Event(r, txt, kind, a, b) for r, txt, kind, a, b, _ in rows
-                                        if kind != "send"])
+                                events=[Event(r, txt, kind, a, b) for r, txt, kind, a, b, _ in rows])
             costs = measured_costs(sched, rows)
         return StepResult(loss=float(loss_sum), timeline=timeline, costs=costs,
                           peak_store_bytes=peak, store_empty=empty)

@@ -26,6 +26,7 @@ KIND_COLORS = {
     "P1": "#DD8452",   # orange: on the critical path
     "P2": "#55A868",   # green: deferred weight gradients
     "recv": "#C44E52",  # red: waiting on a peer (executor only)
+    "send": "#8C8C8C",  # grey: posting a send (executor only)
 }
 _COMPUTE = ("F", "B", "P1", "P2")
 
