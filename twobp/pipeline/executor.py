@@ -29,7 +29,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -215,7 +215,7 @@ class PipelineExecutor:
         if measure:
             self._collective("the start-of-step barrier", dist.barrier, group=self.group)
         self._clock.start()
-        S, last = sched.num_stages, sched.num_stages - 1
+        last = sched.num_stages - 1
         acts = self._lowered.ranks[self.rank]
         act_in: dict[tuple[int, int], torch.Tensor] = {}
         grad_in: dict[tuple[int, int], torch.Tensor] = {}

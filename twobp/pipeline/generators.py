@@ -49,7 +49,8 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
 
     ``twobp``: split backward into P1/P2 (True) or fuse it into B (False).
     ``chunks``: model chunks per rank (interleaved-1f1b, gpipe and auto accept > 1).
-    ``costs``: per-chunk times for ``zb-h1`` and ``auto`` (default unit costs).
+    ``costs``: per-chunk times (:class:`Costs` or mapping) that ``auto`` places by
+    (default unit costs); the fixed schedules do not depend on costs.
     ``memory_limit``: for ``auto``, the most micro-batch chunks a rank may hold from F
     until P2 (default unbounded); ``zb-h1`` always uses ``stages``.
 

@@ -20,7 +20,6 @@ witness that its dependency graph is acyclic); only its quality depends on the c
 
 from __future__ import annotations
 
-import heapq
 
 from .actions import Action, Schedule
 from .costs import Costs
