@@ -10,7 +10,7 @@ micro-batch of r rows, width d, hidden h = 4d:
     p2       FLOPs = 2 * (2 r d h)       (dW of both)
 
 Procedure: a warm-up run of 1F1B with 2BP measures per-stage F, P1, P2 and comm times
-(the executor's ``costs``); ``auto`` is built from them. Then the variants take turns,
+(the executor's ``costs``, median over the warm-up steps); ``auto`` is built from them. Then the variants take turns,
 one step each, ``--repeats`` times (turns spread slow drifts of a shared machine over all
 variants), and the median step time of each is reported next to the simulator's
 prediction from the same measured costs. One more step per variant records a timeline
@@ -35,7 +35,7 @@ DEFAULTS = dict(
     width=256,         # d
     rows=32,           # rows per micro-batch
     microbatches=8,    # m
-    warmup=3,          # steps of 1F1B-2BP for the cost measurement (last one measured)
+    warmup=5,          # measured 1F1B-2BP steps; their per-entry median feeds auto
     repeats=12,        # timed steps per variant
     variants="1f1b,1f1b-2bp,zb-h1-2bp,auto-2bp",
 )
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--microbatches", type=int, default=DEFAULTS["microbatches"],
                     help="micro-batches per step")
     ap.add_argument("--warmup", type=int, default=DEFAULTS["warmup"],
-                    help="1F1B-2BP warm-up steps; the last one gives the costs for auto")
+                    help="measured 1F1B-2BP warm-up steps; the per-stage medians feed auto")
     ap.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
                     help="timed steps per variant (taken in turns)")
     ap.add_argument("--variants", default=DEFAULTS["variants"],
@@ -106,9 +106,13 @@ def _worker(rank: int, world: int, args: dict) -> dict | None:
         return PipelineExecutor(blocks, _mse, schedule=sched, timeout=120)
 
     warm = executor(make_schedule("1f1b", stages=p, microbatches=m, twobp=True))
-    for i in range(args["warmup"]):
-        res = warm.step(x, y, measure=(i == args["warmup"] - 1))
-    costs = Costs.from_mapping(res.costs)
+    warm.step(x, y, measure=False)  # first-call allocations
+    measured = [warm.step(x, y, measure=True).costs for _ in range(args["warmup"])]
+    # Per entry, the median over the warm-up steps: one step on a shared machine is noisy.
+    costs = Costs.from_mapping({
+        k: ([statistics.median(c[k][s] for c in measured) for s in range(len(measured[0][k]))]
+            if isinstance(measured[0][k], list) else statistics.median(c[k] for c in measured))
+        for k in measured[0]})
 
     variants = {}
     for full in args["variants"].split(","):
@@ -191,7 +195,8 @@ def main(argv=None) -> int:
         f"- 2 ranks, one thread each; {args.blocks} residual MLP blocks (d={d}, hidden {h}) cut "
         f"4+4; m={args.microbatches} micro-batches of {args.rows} rows; forward per stage and "
         f"micro-batch = {flops_f / 1e6:.0f} MFLOP (2 GEMMs x 2rdh per block), p1 and p2 the same",
-        f"- costs measured in the 1F1B-2BP warm-up (ms, per stage 0/1): {_fmt_costs(costs)}",
+        f"- costs measured in the 1F1B-2BP warm-up (ms, per stage 0/1, median of {args.warmup} "
+        f"steps): {_fmt_costs(costs)}",
         f"- step time: median of {args.repeats} steps per variant, taken in turns; predicted = "
         "simulated makespan on the measured costs; bubble = idle share of both ranks' time in "
         "one measured step (timeline) and in the simulation",
