@@ -175,6 +175,16 @@ def _bench_case(case: OpCase, device: torch.device, dtype: torch.dtype, micro: i
         return _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
 
 
+def _rate(case: OpCase, phase: str, ms: float, dtype: torch.dtype) -> float | None:
+    """Work per second in the case's unit (norm work is counted in elements, so x bytes/element)."""
+    work = case.work.get(phase)
+    if not work:
+        return None
+    if case.unit == "GB/s":
+        return work * (torch.finfo(dtype).bits / 8) / (ms * 1e-3) / 1e9
+    return work / (ms * 1e-3) / 1e12
+
+
 def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend) -> list[BenchRow]:
     y, p1, p2 = op.forward(inputs, params, save_p1=True, save_p2=True)
     dy = torch.randn_like(y)
@@ -210,9 +220,7 @@ def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
     for phase, ours, theirs, work in phases:
         ms = time(ours)
         tms = time(theirs) if theirs is not None else None
-        rate = work / (ms * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9) if work else None
-        if rate is not None and case.unit == "GB/s":
-            rate *= torch.finfo(dtype).bits / 8
+        rate = _rate(case, phase.split()[0], ms, dtype)
         rows.append(BenchRow(case.op_name, case.shape, phase, ms, tms, rate, case.unit, backend))
 
     micro = min(micro, inputs[0].shape[0])
@@ -226,8 +234,7 @@ def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
         dys = [s for s in splits[-1]]
         one = time(lambda: op.param_grads(dys, saved, grads))
         many = time(lambda: [op.param_grads([d], [s], grads) for d, s in zip(dys, saved)])
-        work = case.work.get("dw")
-        rate = work / (one * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9) if work else None
+        rate = _rate(case, "dw", one, dtype)
         rows.append(BenchRow(case.op_name, case.shape, f"dw batched x{micro} (vs {micro} calls)",
                              one, many, rate, case.unit, backend))
     return rows

@@ -16,7 +16,8 @@ import torch
 __all__ = ["median_seconds", "machine_name"]
 
 
-def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: int = 2, reps: int = 5,
+                   min_sample: float = 0.05) -> float:
     """Median wall time of ``fn()`` in seconds."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -24,11 +25,18 @@ def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: in
         return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     for _ in range(warmup):
         fn()
+    # Some machines tick their clock coarsely (4 ms seen here): repeat fn inside each timed
+    # sample until the sample lasts at least min_sample seconds, then divide.
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, int(min_sample / once))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 
