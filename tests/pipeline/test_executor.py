@@ -60,6 +60,10 @@ def test_every_schedule_equals_single_process_autograd(world):
     results = run_world(world)
     ref = W.reference(SEED, batch_rows(world))
     ref_sgd = W.reference(SEED, batch_rows(world), lr=0.1)
+    small = W.reference(SEED, batch_rows(world), drop_last=True)["loss"]
+    first = cases_for(world)[0]
+    for r in results:  # a step with another batch shape between two with the same
+        assert r[first]["small_loss"] == pytest.approx(small, rel=1e-6)
     for case, cid in zip(cases_for(world), _ids(cases_for(world))):
         per_rank = [r[case] for r in results]
         for r, got in enumerate(per_rank):

@@ -1,7 +1,8 @@
 """Point-to-point transport between pipeline ranks over torch.distributed.
 
-Each message is a small int64 header (dtype code, rank, shape) followed by the payload,
-so a receiver needs no shape information in advance. Sends are asynchronous
+A message is a small int64 header (dtype code, rank, shape) followed by the payload,
+so a receiver needs no shape information in advance; once both sides know the shape
+(the executor learns it in its first step for a batch shape), the header is left out. Sends are asynchronous
 (``isend``; the handle is kept until :meth:`P2P.drain`), receives block with a timeout.
 
 Tags: gloo matches messages by (peer, tag), so every message gets its own tag and the
@@ -68,33 +69,39 @@ class P2P:
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        """Post ``tensor`` to pipeline rank ``dst`` without waiting."""
+    def send(self, tensor: torch.Tensor, dst: int, tag: int, *, header: bool = True) -> None:
+        """Post ``tensor`` to pipeline rank ``dst`` without waiting; ``header=False`` when
+        the receiver already knows the shape and dtype."""
         if tensor.dim() > _MAX_DIMS:
             raise ValueError(f"cannot send a {tensor.dim()}-d tensor; at most {_MAX_DIMS} dims")
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"cannot send dtype {tensor.dtype}; supported: {_DTYPES}")
-        head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
-        head[0] = _DTYPES.index(tensor.dtype)
-        head[1] = tensor.dim()
-        head[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        head = head.to(self._header_device)
-        payload = tensor.detach().contiguous()
-        for t, tg in ((head, 2 * tag), (payload, 2 * tag + 1)):
-            work = dist.isend(t, self._global(dst), group=self.channels.get((self.rank, dst), self.group),
-                              tag=tg)
-            self._pending.append((work, t))
+        msgs = []
+        if header:
+            head = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
+            head[0] = _DTYPES.index(tensor.dtype)
+            head[1] = tensor.dim()
+            head[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+            msgs.append((head.to(self._header_device), 2 * tag))
+        msgs.append((tensor.detach().contiguous(), 2 * tag + 1))
+        grp = self.channels.get((self.rank, dst), self.group)
+        for t, tg in msgs:
+            self._pending.append((dist.isend(t, self._global(dst), group=grp, tag=tg), t))
         self._reap()
 
-    def recv(self, src: int, tag: int, describe: Callable[[], str]) -> torch.Tensor:
+    def recv(self, src: int, tag: int, describe: Callable[[], str],
+             like: tuple[tuple[int, ...], torch.dtype] | None = None) -> torch.Tensor:
         """Receive the tensor pipeline rank ``src`` sent under ``tag``; blocks up to the
-        timeout, then raises :class:`CommTimeout` with ``describe()`` in the message."""
-        head = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self._header_device)
+        timeout, then raises :class:`CommTimeout` with ``describe()`` in the message.
+        ``like=(shape, dtype)``: expect no header (the sender was told so too)."""
         grp = self.channels.get((src, self.rank), self.group)
-        self._wait(dist.irecv(head, self._global(src), group=grp, tag=2 * tag), src, describe)
-        head = head.cpu()
-        dtype, ndim = _DTYPES[int(head[0])], int(head[1])
-        out = torch.empty(tuple(int(x) for x in head[2:2 + ndim]), dtype=dtype, device=self.device)
+        if like is None:
+            head = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self._header_device)
+            self._wait(dist.irecv(head, self._global(src), group=grp, tag=2 * tag), src, describe)
+            head = head.cpu()
+            ndim = int(head[1])
+            like = (tuple(int(x) for x in head[2:2 + ndim]), _DTYPES[int(head[0])])
+        out = torch.empty(like[0], dtype=like[1], device=self.device)
         self._wait(dist.irecv(out, self._global(src), group=grp, tag=2 * tag + 1), src, describe)
         return out
 

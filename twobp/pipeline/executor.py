@@ -107,6 +107,10 @@ class PipelineExecutor:
     number of ranks in ``group``. ``block_costs`` / ``bounds``: balance stages by measured
     block times, or give the cut explicitly (default: by block count).
     ``timeout``: seconds a receive may wait before the step fails with a clear error.
+    ``static_shapes``: the tensors between stages have shapes that depend only on the
+    batch's shape, so after the first step with a given batch shape messages go without
+    their shape header (every rank sees the same batch shape, so all agree). Set False
+    for data-dependent shapes.
     ``one_way_channels``: send each direction between two ranks on its own process group
     (see :mod:`.comm`; default: on for NCCL). Building them is a collective over the
     default group, so it needs ``group=None`` and every rank constructing the executor.
@@ -117,7 +121,8 @@ class PipelineExecutor:
                  rank: int | None = None, group: dist.ProcessGroup | None = None,
                  device: torch.device | str | None = None,
                  block_costs: Sequence[float] | None = None, bounds: Sequence[int] | None = None,
-                 timeout: float = 300.0, one_way_channels: bool | None = None):
+                 timeout: float = 300.0, one_way_channels: bool | None = None,
+                 static_shapes: bool = True):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: start the ranks with "
                                "twobp.pipeline.spawn(...) or under torchrun with init_from_env()")
@@ -166,6 +171,9 @@ class PipelineExecutor:
         self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group,
                         channels=channels)
         self._clock = _Clock(self.device)
+        self._static_shapes = static_shapes
+        self._shape_key: tuple | None = None  # batch shape the cache below belongs to
+        self._shapes: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}  # tag -> (shape, dtype)
 
     def parameters(self):
         """Parameters of this rank's stages (for the optimizer)."""
@@ -207,6 +215,10 @@ class PipelineExecutor:
         ts = torch.tensor_split(targets, m) if isinstance(targets, torch.Tensor) else [targets] * m
         sizes = [x.shape[0] for x in xs]
         total = sum(sizes)
+        batch_key = (tuple(inputs.shape), inputs.dtype)
+        known = self._static_shapes and self._shape_key == batch_key
+        if not known:
+            self._shapes.clear()
         store = twobp.default_store()
         store.begin_step()  # raises LeakError if something was left from before
         if zero_grad:
@@ -234,15 +246,18 @@ class PipelineExecutor:
                     mk = message_key(sched, self.rank, a)
                     peer = comm_peer(sched, self.rank, a)
                     what = "activation" if a.kind == "RF" else "gradient"
-                    got = self._p2p.recv(peer, self._tag(mk),
-                                         lambda: f"{a}: micro-batch {a.mb}'s {what}")
+                    tag = self._tag(mk)
+                    got = self._p2p.recv(peer, tag, lambda: f"{a}: micro-batch {a.mb}'s {what}",
+                                         like=self._shapes.get(tag) if known else None)
+                    self._shapes[tag] = (tuple(got.shape), got.dtype)
                     (act_in if a.kind == "RF" else grad_in)[key] = got
                     records.append((str(a), "recv", t0, self._clock.mark(), mk))
                     continue
                 if a.kind in ("SF", "SB"):
                     mk = message_key(sched, self.rank, a)
                     tensor = (out_act if a.kind == "SF" else out_grad).pop(key)
-                    self._p2p.send(tensor, comm_peer(sched, self.rank, a), self._tag(mk))
+                    self._p2p.send(tensor, comm_peer(sched, self.rank, a), self._tag(mk),
+                                   header=not known)
                     records.append((str(a), "send", t0, self._clock.mark(), mk))
                     continue
                 module = self.stages[a.chunk]
@@ -297,6 +312,7 @@ class PipelineExecutor:
                 f"rank {self.rank} failed at {acts[i] if 0 <= i < len(acts) else '?'} "
                 f"(step {i}) of schedule {sched.name!r}: {type(e).__name__}: {e}\n"
                 f"{self._where(i)}") from e
+        self._shape_key = batch_key
         empty = (store.is_empty() and not (act_in or grad_in or saved or out_act or out_grad))
         peak = store.peak_bytes
         if dist.get_world_size(self.group) > 1:

@@ -164,8 +164,9 @@ def spawn(fn: Callable[..., Any], *, world_size: int, args: Sequence[Any] = (),
                     failures[rank] = ("died", f"pipeline rank {rank} died (exit code "
                                               f"{procs[rank].exitcode}) before returning a result")
         if failures:
-            died = [r for r, (kind, _) in sorted(failures.items()) if kind == "died"]
-            first = died[0] if died else min(failures)
+            # A death is the root cause; otherwise the first error to arrive usually is.
+            died = [r for r, (kind, _) in failures.items() if kind == "died"]
+            first = died[0] if died else next(iter(failures))
             others = [text for r, (_, text) in sorted(failures.items()) if r != first]
             raise WorkerError(first, failures[first][1] + "".join(
                 f"\n\nalso (likely a consequence): {t}" for t in others))
