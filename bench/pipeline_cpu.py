@@ -10,7 +10,8 @@ micro-batch of r rows, width d, hidden h = 4d:
     p2       FLOPs = 2 * (2 r d h)       (dW of both)
 
 Procedure: a warm-up run of 1F1B with 2BP measures per-stage F, P1, P2 and comm times
-(the executor's ``costs``, median over the warm-up steps); ``auto`` is built from them. Then the variants take turns,
+(the executor's ``costs``, median over the warm-up steps) and ``auto`` is built from
+them; a warm-up run of plain 1F1B measures the fused backward B for its prediction. Then the variants take turns,
 one step each, ``--repeats`` times (turns spread slow drifts of a shared machine over all
 variants), and the median step time of each is reported next to the simulator's
 prediction from the same measured costs. One more step per variant records a timeline
@@ -105,14 +106,18 @@ def _worker(rank: int, world: int, args: dict) -> dict | None:
     def executor(sched):
         return PipelineExecutor(blocks, _mse, schedule=sched, timeout=120)
 
-    warm = executor(make_schedule("1f1b", stages=p, microbatches=m, twobp=True))
-    warm.step(x, y, measure=False)  # first-call allocations
-    measured = [warm.step(x, y, measure=True).costs for _ in range(args["warmup"])]
-    # Per entry, the median over the warm-up steps: one step on a shared machine is noisy.
-    costs = Costs.from_mapping({
-        k: ([statistics.median(c[k][s] for c in measured) for s in range(len(measured[0][k]))]
-            if isinstance(measured[0][k], list) else statistics.median(c[k] for c in measured))
-        for k in measured[0]})
+    def warm_up(use_2bp: bool) -> dict:
+        ex = executor(make_schedule("1f1b", stages=p, microbatches=m, twobp=use_2bp))
+        ex.step(x, y, measure=False)  # first-call allocations
+        runs = [ex.step(x, y, measure=True).costs for _ in range(args["warmup"])]
+        # Per entry, the median over the warm-up steps: one step on a shared machine is noisy.
+        return {k: ([statistics.median(c[k][s] for c in runs) for s in range(len(runs[0][k]))]
+                    if isinstance(runs[0][k], list) else statistics.median(c[k] for c in runs))
+                for k in runs[0]}
+
+    split, fused = warm_up(True), warm_up(False)
+    # P1/P2 from the 2BP run (what auto places); B from the fused run, for the 1F1B prediction.
+    costs = Costs.from_mapping({**split, "B": fused["B"]})
 
     variants = {}
     for full in args["variants"].split(","):
@@ -195,8 +200,8 @@ def main(argv=None) -> int:
         f"- 2 ranks, one thread each; {args.blocks} residual MLP blocks (d={d}, hidden {h}) cut "
         f"4+4; m={args.microbatches} micro-batches of {args.rows} rows; forward per stage and "
         f"micro-batch = {flops_f / 1e6:.0f} MFLOP (2 GEMMs x 2rdh per block), p1 and p2 the same",
-        f"- costs measured in the 1F1B-2BP warm-up (ms, per stage 0/1, median of {args.warmup} "
-        f"steps): {_fmt_costs(costs)}",
+        f"- costs measured in the warm-up (ms, per stage 0/1, median of {args.warmup} steps; "
+        f"F, P1, P2, comm from 1F1B-2BP, B from 1F1B): {_fmt_costs(costs)}",
         f"- step time: median of {args.repeats} steps per variant, taken in turns; predicted = "
         "simulated makespan on the measured costs; bubble = idle share of both ranks' time in "
         "one measured step (timeline) and in the simulation",
