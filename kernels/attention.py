@@ -49,17 +49,16 @@ activation itself; nothing of size S², and nothing for a p2.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import DTYPES as _DTYPES, INTERPRET as _INTERPRET
+
 __all__ = ["attention_fwd", "attention_dx", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2  # 1/ln 2: exp(x) = exp2(x * log2(e))
 

@@ -90,29 +90,23 @@ Triton's autotune caches.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import DTYPES as _DTYPES
+from ._launch import INTERPRET as _INTERPRET
+from ._launch import as_list as _as_list
+from ._launch import check_devices
+from ._launch import check_dtype as _check_dtype
+from ._launch import check_tensor as _check_tensor
+from ._launch import device_table as _device_table
+
 __all__ = ["conv2d_fwd", "conv2d_dx", "conv2d_dw", "conv2d_flops", "conv2d_output_size"]
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (decided at import time)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        try:
-            return bool(knobs.runtime.interpret)
-        except AttributeError:  # a Triton without the runtime.interpret knob
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRET = _interpreting()
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------------------
 # Configs
@@ -600,33 +594,6 @@ def _geometry(x_shape, w_shape, stride, padding, dilation, *, what: str):
     return sh_sw, pad, dil, (oh, ow)
 
 
-def _check_tensor(name: str, t, ndim: int, hint: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}{hint}")
-
-
-def _check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype], why: str) -> None:
-    if t.dtype not in allowed:
-        names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {names} ({why})")
-
-
-def _check_devices(**tensors: torch.Tensor | None) -> torch.device:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all tensors must be on one device, got {where}; move them with .to(device)")
-    device = next(iter(devices))
-    if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
-        raise ValueError(
-            f"tensors are on {device}: the Triton conv kernels need CUDA tensors, or CPU tensors with "
-            "TRITON_INTERPRET=1 set before triton is imported (otherwise use the torch reference backend)")
-    return device
-
-
 def _check_out(name: str, out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     _check_tensor(name, out, len(shape))
     if tuple(out.shape) != tuple(shape):
@@ -674,11 +641,11 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
     if out is None:
-        _check_devices(x=x, weight=weight, bias=bias)
+        check_devices("conv", x=x, weight=weight, bias=bias)
         y = torch.empty((n, o, oh, ow), dtype=x.dtype, device=x.device)
     else:
         _check_out("out", out, (n, o, oh, ow), x.dtype)
-        _check_devices(x=x, weight=weight, bias=bias, out=out)
+        check_devices("conv", x=x, weight=weight, bias=bias, out=out)
         y = out
     m = n * oh * ow
     if m == 0 or o == 0:
@@ -738,11 +705,11 @@ def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, 
     if weight.dtype != dy.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but dy has {dy.dtype}; cast them to one dtype")
     if out is None:
-        _check_devices(dy=dy, weight=weight)
+        check_devices("conv", dy=dy, weight=weight)
         dx = torch.empty(shape, dtype=dy.dtype, device=dy.device)
     else:
         _check_out("out", out, shape, dy.dtype)
-        _check_devices(dy=dy, weight=weight, out=out)
+        check_devices("conv", dy=dy, weight=weight, out=out)
         dx = out
     m = n * h * w
     if m == 0 or c == 0:
@@ -761,14 +728,6 @@ def conv2d_dx(dy: torch.Tensor, weight: torch.Tensor, *, input_shape, stride=1, 
         INPUT_PRECISION=_input_precision(dy.dtype),
     )
     return dx
-
-
-def _as_list(name: str, v) -> list[torch.Tensor]:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-        return list(v)
-    raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(v).__name__}")
 
 
 def _shared_strides(name: str, tensors: list[torch.Tensor]) -> tuple[int, ...]:
@@ -862,7 +821,7 @@ def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
             raise ValueError(f"dbias has shape {tuple(dbias.shape)}, expected ({o},) to match dweight of shape "
                              f"{tuple(dweight.shape)}")
         _check_dtype("dbias", dbias, grad_dtypes, "the input dtype or fp32 master gradients")
-    device = _check_devices(dweight=dweight, dbias=dbias, **{f"x[{i}]": t for i, t in enumerate(xs)},
+    device = check_devices("conv", dweight=dweight, dbias=dbias, **{f"x[{i}]": t for i, t in enumerate(xs)},
                             **{f"dy[{i}]": t for i, t in enumerate(dys)})
 
     live = [(xi, dyi) for xi, dyi in zip(xs, dys) if xi.shape[0] > 0]
@@ -880,7 +839,7 @@ def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         table = None
     else:
         rows = [[xi.data_ptr(), dyi.data_ptr(), xi.shape[0]] for xi, dyi in live]
-        table = torch.tensor(rows, dtype=torch.int64, device=device)  # [num_mb, _MB_COLS]
+        table = _device_table(rows, device)  # [num_mb, _MB_COLS]
 
     accumulate = split == 1
     if accumulate:

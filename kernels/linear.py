@@ -60,29 +60,23 @@ besides Triton's autotune caches.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import DTYPES as _DTYPES
+from ._launch import INTERPRET as _INTERPRET
+from ._launch import as_list as _as_list
+from ._launch import check_devices
+from ._launch import check_dtype as _check_dtype
+from ._launch import check_tensor as _check_tensor
+from ._launch import device_table as _device_table
+
 __all__ = ["linear_fwd", "linear_dx", "linear_dw", "linear_flops"]
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (decided at import time)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        try:
-            return bool(knobs.runtime.interpret)
-        except AttributeError:  # a Triton without the runtime.interpret knob
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRET = _interpreting()
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def linear_flops(m: int, n: int, k: int) -> int:
@@ -390,34 +384,6 @@ _dw_tuned = triton.autotune(
 # ----------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t, ndim: int, hint: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}{hint}")
-
-
-def _check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype], why: str) -> None:
-    if t.dtype not in allowed:
-        names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {names} ({why})")
-
-
-def _check_devices(**tensors: torch.Tensor | None) -> torch.device:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all tensors must be on one device, got {where}; move them with .to(device)")
-    device = next(iter(devices))
-    if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
-        raise ValueError(
-            f"tensors are on {device}: the Triton linear kernels need CUDA tensors, or CPU tensors with "
-            "TRITON_INTERPRET=1 set before triton is imported (otherwise use the torch reference backend)"
-        )
-    return device
-
-
 def _check_out(name: str, out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     _check_tensor(name, out, len(shape))
     if tuple(out.shape) != shape:
@@ -492,11 +458,11 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
     if out is None:
-        _check_devices(x=x, weight=weight, bias=bias)
+        check_devices("linear", x=x, weight=weight, bias=bias)
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         _check_out("out", out, (m, n), x.dtype)
-        _check_devices(x=x, weight=weight, bias=bias, out=out)
+        check_devices("linear", x=x, weight=weight, bias=bias, out=out)
     # B = Wᵀ: B[k, n] = W[n, k]
     _launch_matmul(_fwd_matmul, x, weight, (weight.stride(1), weight.stride(0)), out, bias, m, n, k)
     return out
@@ -523,35 +489,14 @@ def linear_dx(dy: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | Non
     if weight.dtype != dy.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but dy has {dy.dtype}; cast them to one dtype")
     if out is None:
-        _check_devices(dy=dy, weight=weight)
+        check_devices("linear", dy=dy, weight=weight)
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     else:
         _check_out("out", out, (m, k), dy.dtype)
-        _check_devices(dy=dy, weight=weight, out=out)
+        check_devices("linear", dy=dy, weight=weight, out=out)
     # GEMM (M, N, K) = (m, k, n); B = W: B[n, k] = W[n, k]
     _launch_matmul(_dx_matmul, dy, weight, (weight.stride(0), weight.stride(1)), out, None, m, k, n)
     return out
-
-
-def _as_list(name: str, v) -> list[torch.Tensor]:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-        return list(v)
-    raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(v).__name__}")
-
-
-def _device_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """The micro-batch table as an int64 tensor on ``device``.
-
-    On CUDA it goes through pinned memory with a non-blocking copy, ordered on the current
-    stream, so the host does not wait for queued GPU work (a copy from pageable memory
-    would synchronise the stream). Torch's pinned-memory cache keeps the host buffer alive
-    until the copy has run.
-    """
-    if device.type != "cuda":
-        return torch.tensor(rows, dtype=torch.int64, device=device)
-    return torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Sequence[torch.Tensor],
@@ -599,7 +544,7 @@ def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         if dbias.shape[0] != n:
             raise ValueError(f"dbias has shape {tuple(dbias.shape)}, expected ({n},) to match dweight of shape {(n, k)}")
         _check_dtype("dbias", dbias, grad_dtypes, "the input dtype or fp32 master gradients")
-    _check_devices(dweight=dweight, dbias=dbias, **{f"x[{i}]": t for i, t in enumerate(xs)},
+    check_devices("linear", dweight=dweight, dbias=dbias, **{f"x[{i}]": t for i, t in enumerate(xs)},
                    **{f"dy[{i}]": t for i, t in enumerate(dys)})
 
     live = [(xi, dyi) for xi, dyi in zip(xs, dys) if xi.shape[0] > 0]

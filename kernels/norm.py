@@ -61,12 +61,13 @@ besides Triton's autotune caches and a per-device SM count.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import DTYPES as _DTYPES, INTERPRET as _INTERPRET, as_list, device_table as _device_table
 
 __all__ = [
     "MAX_HIDDEN",
@@ -78,20 +79,6 @@ __all__ = [
     "rms_norm_dw",
 ]
 
-
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (decided at import time)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        try:
-            return bool(knobs.runtime.interpret)
-        except AttributeError:  # a Triton without the runtime.interpret knob
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRET = _interpreting()
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Longest normalized dim the kernels take. Forward and p1 keep a whole row (as fp32) in
 #: registers; at 16384 columns that is 32 fp32 values per thread per row-sized temporary with
@@ -603,14 +590,6 @@ def rms_norm_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
 # ----------------------------------------------------------------------------------------
 
 
-def _as_list(where: str, name: str, v) -> list:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-        return list(v)
-    raise TypeError(f"{where}: {name} must be a tensor or a sequence of tensors, got {type(v).__name__}")
-
-
 def _check_grad(where: str, name: str, g, n: int, dtype: torch.dtype) -> None:
     if g is None:
         return
@@ -627,8 +606,8 @@ def _check_grad(where: str, name: str, g, n: int, dtype: torch.dtype) -> None:
 
 def _dw(where: str, x, dy, mean, rstd, dweight, dbias, is_rms: bool) -> None:
     single = isinstance(x, torch.Tensor)
-    xs, dys, rstds = _as_list(where, "x", x), _as_list(where, "dy", dy), _as_list(where, "rstd", rstd)
-    means = [None] * len(xs) if is_rms else _as_list(where, "mean", mean)
+    xs, dys, rstds = (as_list(f"{where}: {name}", v) for name, v in (("x", x), ("dy", dy), ("rstd", rstd)))
+    means = [None] * len(xs) if is_rms else as_list(f"{where}: mean", mean)
     given = [isinstance(v, torch.Tensor) for v in ((x, dy, rstd) if is_rms else (x, dy, mean, rstd))]
     if any(given) and not all(given):
         raise TypeError(f"{where}: pass all of x, dy, {'' if is_rms else 'mean, '}rstd as tensors (one "
@@ -682,9 +661,7 @@ def _dw(where: str, x, dy, mean, rstd, dweight, dbias, is_rms: bool) -> None:
     if len(live) > 1:
         rows = [[x2.data_ptr(), dy2.data_ptr(), (mi if mi is not None else ri).data_ptr(), ri.data_ptr(),
                  x2.shape[0], x2.stride(0), dy2.stride(0)] for x2, dy2, mi, ri in live]
-        table = torch.tensor(rows, dtype=torch.int64)  # [num_mb, _MB_COLS]
-        if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)  # no host stall
+        table = _device_table(rows, device)  # [num_mb, _MB_COLS]
         aligned = all(r[c] % 16 == 0 for r in rows
                       for c in (_MB_X, _MB_DY, _MB_MEAN, _MB_RSTD, _MB_STRIDE_XM, _MB_STRIDE_DYM))
 
