@@ -84,8 +84,10 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | None =
     Accumulates into each parameter's ``.grad`` (allocated as zeros when None) and frees
     the entries. Returns the number of (module, micro-batch) entries processed.
 
-    Raises ``RuntimeError`` naming the fix when a named micro-batch has nothing pending,
-    or when its p1 has not run yet (p2 needs the dy p1 deposits).
+    Raises ``RuntimeError`` naming the fix when a named micro-batch has nothing pending
+    although the module has trainable twobp weights (a module without any owes no p2, so
+    naming its micro-batches is fine), or when its p1 has not run yet (p2 needs the dy p1
+    deposits).
     """
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"backward_p2 takes an nn.Module, got {type(module_or_model).__name__}")
@@ -101,7 +103,7 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | None =
                 f"backward_p2 for micro-batch {e.microbatch} of {e.label} before its p1: run the "
                 "backward of that micro-batch's loss (or output) first")
         missing = sorted(set(wanted) - {e.microbatch for e in entries})
-        if missing:
+        if missing and _has_deferred_weights(module_or_model):
             have = pending_microbatches(module_or_model, store)
             raise RuntimeError(
                 f"backward_p2: nothing pending for micro-batch(es) {missing} in "
@@ -114,6 +116,14 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | None =
     for group in by_owner.values():
         _run_p2(group, batched)
     return len(ready)
+
+
+def _has_deferred_weights(model: nn.Module) -> bool:
+    """Whether any twobp module inside has a trainable parameter of its own (so p2 is owed)."""
+    from .nn.base import TwoBPModule
+
+    return any(isinstance(m, TwoBPModule) and any(p.requires_grad for p in m.parameters(recurse=False))
+               for m in model.modules())
 
 
 def _run_p2(group: list[Entry], batched: bool) -> None:

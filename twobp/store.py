@@ -26,7 +26,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -39,6 +38,7 @@ __all__ = [
     "record_versions",
     "check_versions",
     "default_store",
+    "format_bytes",
     "memory_report",
 ]
 
@@ -177,19 +177,22 @@ class MemoryReport:
     entries: tuple[PendingEntry, ...] = field(default_factory=tuple)
 
     def __str__(self) -> str:
-        lines = [f"twobp store: live {_fmt_bytes(self.live_bytes)}, peak {_fmt_bytes(self.peak_bytes)}, "
+        lines = [f"twobp store: live {format_bytes(self.live_bytes)}, peak {format_bytes(self.peak_bytes)}, "
                  f"{len(self.entries)} entries"]
         for e in self.entries:
-            lines.append(f"  {e.label:<40} mb={e.microbatch:<4} {e.state:<8} {_fmt_bytes(e.nbytes)}")
+            lines.append(f"  {e.label:<40} mb={e.microbatch:<4} {e.state:<8} {format_bytes(e.nbytes)}")
         return "\n".join(lines)
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def format_bytes(n: float) -> str:
+    """Bytes in B/KiB/MiB/GiB, for reports."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n} B"
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 class ActivationStore:

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .store import format_bytes
+
 __all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results", "results_to_json"]
 
 
@@ -236,14 +238,6 @@ def run_job(cfg: JobConfig) -> list[VariantResult]:
 
 
 # ---- reporting ------------------------------------------------------------------------
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> str:
     """Markdown table, one row per variant, ratios against ``results[baseline]``."""
     base = results[baseline]
@@ -253,7 +247,7 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
     for r in results:
         rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {r.throughput:,.0f} | "
                     f"{r.throughput / base.throughput:.2f}x | {r.bubble_fraction:.1%} | "
-                    f"{' / '.join(_fmt_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
+                    f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
     return "\n".join(rows)
 
 

@@ -279,3 +279,16 @@ def test_normal_mode_keeps_autograd_semantics():
     x2.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_p2_of_a_module_without_trainable_twobp_weights_is_a_no_op():
+    """A pipeline stage of only activations (or frozen twobp layers) owes no p2: naming its
+    micro-batches must not raise, while a stage that owes p2 still does."""
+    stage = nn.Sequential(nn.Tanh(), twobp.TwoBPLinear(3, 3).requires_grad_(False))
+    x = torch.randn(2, 3, requires_grad=True)
+    with twobp.split_backward(microbatch=0):
+        y = stage(x)
+    y.sum().backward()
+    assert twobp.backward_p2(stage, microbatches=[0]) == 0
+    with pytest.raises(RuntimeError, match="nothing pending"):
+        twobp.backward_p2(twobp.TwoBPLinear(3, 3), microbatches=[0])

@@ -23,7 +23,6 @@ What is saved, for whom, and when it is freed (B·S tokens, E = H·D, Hkv·D = E
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ._checks import check_same_dtype_device
-from .base import Saved, SplitOp
+from .base import SplitOp
 
 __all__ = ["LinearOp", "linear_fwd_ref", "linear_dx_ref", "linear_dw_ref"]
 

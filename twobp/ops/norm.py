@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ._checks import check_same_dtype_device
-from .base import Saved, SplitOp
+from .base import SplitOp
 
 __all__ = [
     "LayerNormOp",
