@@ -30,6 +30,11 @@ def _mha64(ref, x, dy, **kw):
                                   batch_first=ref.batch_first, dtype=torch.float64)
     ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
     x64 = x.detach().double().requires_grad_()
+    # A float mask must match the query's dtype: torch 2.13's float64 SDPA silently ignores
+    # most of a float32 additive mask (wrong output, no error).
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kw = {**kw, "attn_mask": mask.double()}
     out, _ = ref64(x64, x64, x64, need_weights=False, **kw)
     out.backward(dy.double())
     return out, x64.grad, {n: p.grad for n, p in ref64.named_parameters()}
