@@ -68,17 +68,19 @@ class _SplitFunction(torch.autograd.Function):
             p2 = dict(zip(ctx.p2_keys, saved[n1:]))
             # autograd.grad(..., inputs=...) may ask for a subset: compute only that
             in_needs = tuple(ctx.needs_input_grad[4:4 + n_in])
-        dx = op.input_grads(dy, p1, ctx.params, in_needs) if any(in_needs) else (None,) * n_in
+        if entry is None:
+            # normal mode: one fused backward, fresh gradients for autograd to accumulate
+            p_needs = tuple(ctx.needs_input_grad[4 + n_in:])
+            dx, pgrads = op.fused_grads(dy, p1, p2, ctx.params, in_needs, p_needs)
+            return (None, None, None, None, *dx, *pgrads)
+        dx, partials = op.split_input_grads(dy, p1, ctx.params, in_needs, ctx.p_needs)
         del p1
-        if entry is not None:
+        if partials is None:
             # p2 happens later: keep dy for it, row-contiguous so batched p2 reads it in place.
             entry.deposit_dy(dy.detach().contiguous())
-            return (None, None, None, None, *dx, *((None,) * len(ctx.params)))
-        p_needs = tuple(ctx.needs_input_grad[4 + n_in:])
-        pgrads = [torch.zeros_like(p) if need else None for p, need in zip(ctx.params, p_needs)]
-        if any(p_needs):
-            op.param_grads([dy.contiguous()], [p2], pgrads)
-        return (None, None, None, None, *dx, *pgrads)
+        else:
+            entry.deposit_partials(_detached(partials))
+        return (None, None, None, None, *dx, *((None,) * len(ctx.params)))
 
 
 def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tensor],

@@ -138,6 +138,15 @@ class Entry:
             self.state = EntryState.READY
             self.store._refresh(self)
 
+    def deposit_partials(self, partials: dict[str, Tensor]) -> None:
+        """Finish p1 of an op that reduced its parameter gradients to partials in p1: they
+        replace the p2 set (and dy is not kept); the entry becomes ready."""
+        with self.store._lock:
+            self.p2 = partials
+            self.dy = None
+            self.state = EntryState.READY
+            self.store._refresh(self)
+
     def take_p2(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Return (dy, p2 set) of a ready entry, checked for in-place modification."""
         if self.state is not EntryState.READY:

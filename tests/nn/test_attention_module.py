@@ -251,6 +251,25 @@ def test_core_op_reference_matches_float64_autograd():
     assert_close(dv, v64.grad, name="dV")
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_reference_flash_and_math_paths_agree(causal):
+    """The torch backend runs aten's CPU flash attention on CPU and the materialised scores
+    elsewhere: both against each other in float64 (GQA, odd length), O, lse and every grad."""
+    from twobp.ops.attention import _attention_dx_math, _attention_fwd_math
+
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 13, 6, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 13, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(2, 13, 6, 8, generator=gen, dtype=torch.float64)
+    o, lse = attention_fwd_ref(q, k, v, causal=causal)
+    o_m, lse_m = _attention_fwd_math(q, k, v, causal=causal)
+    assert o.shape == o_m.shape and lse.shape == lse_m.shape == (2, 6, 13)
+    assert torch.allclose(o, o_m, atol=1e-12) and torch.allclose(lse, lse_m, atol=1e-12)
+    for got, want, name in zip(attention_dx_ref(do, q, k, v, o, lse, causal=causal),
+                               _attention_dx_math(do, q, k, v, o, lse, causal=causal), ("dq", "dk", "dv")):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_core_op_saves_for_p1_only(backend):
     op = AttentionCoreOp(causal=True)

@@ -224,34 +224,46 @@ def test_rms_eps_none_follows_torch_for_low_precision():
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-def test_store_bytes_follow_the_lifetime(kind):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_bytes_follow_the_lifetime(kind, backend):
     _, m = _pair(kind, {})
     store = twobp.default_store()
     x = torch.randn(10, N, requires_grad=True)
     stats = 10 * 4 * (2 if kind == "layer" else 1)  # fp32 μ and rstd per row (RMSNorm: rstd)
-    with twobp.split_backward(microbatch=0):
-        y = m(x)
-    # forward: x (the input's own storage, not a copy) and the row statistics, for p1 and p2 alike
-    assert store.live_bytes == x.nbytes + stats
-    y.backward(torch.randn(10, N))
-    # p1 frees nothing of its own (p2 needs the same x and statistics) and adds dy
-    assert store.live_bytes == 2 * x.nbytes + stats
-    assert store.peak_bytes == store.live_bytes
-    twobp.backward_p2(m)
+    with twobp.use_backend(backend):
+        with twobp.split_backward(microbatch=0):
+            y = m(x)
+        # forward: x (the input's own storage, not a copy) and the row statistics, for p1 and p2 alike
+        assert store.live_bytes == x.nbytes + stats
+        y.backward(torch.randn(10, N))
+        if kind == "layer" and backend == "torch":
+            # aten's one backward pass gives dγ and dβ with dX: p1 keeps their [N] fp32
+            # partials and frees x, the statistics and dy
+            assert store.live_bytes == 2 * N * 4
+        else:
+            # p1 frees nothing of its own (p2 needs the same x and statistics) and adds dy
+            assert store.live_bytes == 2 * x.nbytes + stats
+            assert store.peak_bytes == store.live_bytes
+        twobp.backward_p2(m)
     assert store.live_bytes == 0 and store.is_empty()
 
 
-def test_frozen_weight_keeps_only_dy_for_dbeta():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_keeps_only_dy_for_dbeta(backend):
     ref, m = _pair("layer", {})
     m.weight.requires_grad_(False)
     store = twobp.default_store()
     x = torch.randn(10, N, requires_grad=True)
     dy = torch.randn(10, N)
-    with twobp.split_backward(microbatch=0):
-        y = m(x)
-    y.backward(dy)
-    assert store.live_bytes == dy.nbytes, "dβ = Σ dY needs neither x nor the statistics"
-    twobp.backward_p2(m)
+    with twobp.use_backend(backend):
+        with twobp.split_backward(microbatch=0):
+            y = m(x)
+        y.backward(dy)
+        if backend == "torch":
+            assert store.live_bytes == N * 4, "p1 reduced dβ = Σ dY to its [N] partial"
+        else:
+            assert store.live_bytes == dy.nbytes, "dβ = Σ dY needs neither x nor the statistics"
+        twobp.backward_p2(m)
     _, dx64, g64 = _reference(ref, x, dy)
     assert m.weight.grad is None
     assert_close(m.bias.grad, g64["bias"], name="dbeta")
@@ -294,3 +306,22 @@ def test_triton_backend_names_the_hidden_size_limit():
     m = TwoBPRMSNorm(MAX_HIDDEN + 1, elementwise_affine=False)
     with twobp.use_backend("triton"), pytest.raises(ValueError, match="MAX_HIDDEN"):
         m(torch.zeros(1, MAX_HIDDEN + 1))
+
+
+def test_layernorm_p2_mixes_partials_and_deferred_entries():
+    """LayerNorm on the torch backend reduces dγ/dβ to partials in p1; on the Triton backend
+    p2 reads x and dy. One batched p2 over entries of both kinds gives the summed gradient."""
+    ref, m = _pair("layer", {})
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(6, N, generator=gen, requires_grad=True) for _ in range(3)]
+    dys = [torch.randn(6, N, generator=gen) for _ in range(3)]
+    for mb, (x, dy, backend) in enumerate(zip(xs, dys, ["torch", "triton", "torch"])):
+        with twobp.use_backend(backend):
+            with twobp.split_backward(microbatch=mb):
+                y = m(x)
+            y.backward(dy)
+    with twobp.use_backend("torch"):
+        assert twobp.backward_p2(m) == 3
+    _, _, g64 = _reference(ref, torch.cat(xs), torch.cat(dys))
+    assert_close(m.weight.grad, g64["weight"], name="dgamma")
+    assert_close(m.bias.grad, g64["bias"], name="dbeta")

@@ -118,11 +118,9 @@ def _attention_case(label: str, b: int, s: int, h: int, hkv: int, d: int, causal
         return AttentionCoreOp(causal=causal), (q, k, v), ()
 
     def torch_fn(q, k, v):
-        # SDPA wants [B, H, S, D]; GQA by repeating kv heads
-        rep = h // hkv
-        kk = k.transpose(1, 2).repeat_interleave(rep, 1)
-        vv = v.transpose(1, 2).repeat_interleave(rep, 1)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, is_causal=causal).transpose(1, 2)
+        # SDPA wants [B, H, S, D]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=causal, enable_gqa=hkv != h).transpose(1, 2)
 
     fwd = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
     return OpCase("attention", f"{label} B{b} S{s} H{h}/{hkv} D{d}{' causal' if causal else ''}", build,
@@ -147,9 +145,14 @@ def _conv_case(label: str, n: int, c: int, hw: int, o: int, k: int, stride: int)
 
 
 def default_cases(tokens: int, images: int) -> list[OpCase]:
-    """The paper's model shapes: LLaMa-7B and BERT-Large layers, ResNet-152 convolutions."""
+    """The paper's model shapes (LLaMa-7B and BERT-Large layers, ResNet-152 convolutions) and
+    the CPU pipeline benchmarks' llama/small layer (2 sequences of 256 tokens per micro-batch)."""
     seq7b, seqbert = min(1024, tokens), min(512, tokens)
     return [
+        _linear_case("llama-small gate/up", 512, 512, 1376),
+        _linear_case("llama-small down", 512, 1376, 512),
+        _rms_norm_case("llama-small", 512, 512),
+        _attention_case("llama-small", 2, 256, 8, 4, 64, True),
         _linear_case("llama7b up", tokens, 4096, 11008),
         _linear_case("llama7b down", tokens, 11008, 4096),
         _linear_case("bert-large ffn1", tokens, 1024, 4096),
@@ -215,6 +218,9 @@ def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
     if has_dw:
         phases.append(("dw (p2)", lambda: op.param_grads([dy], [p2], grads), t_grad(t_p), case.work.get("dw")))
         phases.append(("dx+dw", lambda: (op.input_grads(dy, p1, params, needs), op.param_grads([dy], [p2], grads)),
+                       t_grad(t_inputs + t_p), None))
+        p_needs = tuple(p is not None for p in params)
+        phases.append(("fused (normal mode)", lambda: op.fused_grads(dy, p1, p2, params, needs, p_needs),
                        t_grad(t_inputs + t_p), None))
     rows = []
     for phase, ours, theirs, work in phases:

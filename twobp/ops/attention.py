@@ -17,7 +17,9 @@ storages the projections' p2 entries hold anyway (q, k, v view the QKV projectio
 output; o is the input the output projection saves for its dW).
 
 The Triton backend is :mod:`twobp.kernels.attention` (flash attention: S² never stored);
-the torch reference below materialises the scores and is meant for CPU and for checks.
+the torch reference below runs aten's CPU flash attention (forward and backward, which
+is what ``F.scaled_dot_product_attention`` runs on CPU) and materialises the scores on
+other devices.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ..backend import resolve_backend
 from .base import Saved, SplitOp
 
 __all__ = ["AttentionCoreOp", "attention_fwd_ref", "attention_dx_ref"]
+
+_ATEN = torch.ops.aten
 
 
 def _scale(sm_scale: float | None, d: int) -> float:
@@ -98,10 +102,9 @@ def _scores(qg: Tensor, kg: Tensor, scale: float, causal: bool) -> Tensor:
     return s
 
 
-def attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+def _attention_fwd_math(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                       sm_scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """(o, lse) in plain torch, in fp32 (fp64 for fp64 inputs); o in q's dtype."""
-    _check_qkv(q, k, v)
+    """(o, lse) with the S x S scores materialised, fp32 (fp64 for fp64 inputs)."""
     b, s, h, d = q.shape
     scale = _scale(sm_scale, d)
     qg, kg, vg = _grouped(q, k, v)
@@ -112,10 +115,9 @@ def attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
     return o.to(q.dtype), lse.reshape(b, h, s)
 
 
-def attention_dx_ref(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *,
+def _attention_dx_math(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *,
                      causal: bool, sm_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the saved q, k, v, o, lse, with the kernels' formulas (P from lse)."""
-    _check_qkv(q, k, v)
+    """(dq, dk, dv) with the kernels' formulas (P recomputed from lse), scores materialised."""
     b, s, h, d = q.shape
     hkv, g = k.shape[2], h // k.shape[2]
     scale = _scale(sm_scale, d)
@@ -133,6 +135,40 @@ def attention_dx_ref(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
     dk = (ds.transpose(-1, -2) @ qg).sum(2) * scale                 # (B, Hkv, S, D)
     dq = dq.permute(0, 3, 1, 2, 4).reshape(b, s, h, d)
     return dq.to(q.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+
+
+def _cpu_flash(t: Tensor) -> bool:
+    return t.device.type == "cpu" and hasattr(_ATEN, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    return t.transpose(1, 2)  # [B, S, H, D] <-> [B, H, S, D], a view
+
+
+def attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                      sm_scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """(o, lse) through torch: aten's CPU flash attention on CPU (GQA natively, no S x S
+    matrix), the materialised scores elsewhere; accumulation in fp32 (fp64 for fp64)."""
+    _check_qkv(q, k, v)
+    scale = _scale(sm_scale, q.shape[-1])
+    if _cpu_flash(q):
+        o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(
+            _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale)
+        return _heads_first(o), lse  # o [B, S, H, D] (aten lays it out so: contiguous), lse [B, H, S]
+    return _attention_fwd_math(q, k, v, causal=causal, sm_scale=scale)
+
+
+def attention_dx_ref(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *,
+                     causal: bool, sm_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the saved q, k, v, o, lse; aten's CPU flash backward on CPU."""
+    _check_qkv(q, k, v)
+    scale = _scale(sm_scale, q.shape[-1])
+    if _cpu_flash(q) and lse.dtype == _compute_dtype(q.dtype):
+        dq, dk, dv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads_first(do), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(o), lse,
+            0.0, causal, scale=scale)
+        return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+    return _attention_dx_math(do, q, k, v, o, lse, causal=causal, sm_scale=scale)
 
 
 def _last_contiguous(t: Tensor) -> Tensor:

@@ -12,6 +12,17 @@ needs. A tensor both need appears in both; the store counts it once. ``save_p1``
 ``save_p2`` say whether anyone will need each set (no input needs grad: no p1 set; no
 parameter needs grad: no p2 set), so nothing is kept for nobody.
 
+``split_input_grads`` is p1 in a split region. By default it is ``input_grads`` and the
+store keeps dy for p2. An op whose parameter gradients are cheap reductions that ride
+along with dX in one pass (LayerNorm on the torch backend) may instead return *partials*:
+a small dict that p2 reduces into ``.grad`` (``param_grads`` then receives the partials
+as its saved set and None as dy), so p1 frees X and dy at once.
+
+``fused_grads`` is normal mode (no split region): p1 and p2 of one micro-batch at once,
+returning fresh gradient tensors for autograd to accumulate. Its default runs the two
+halves; ops override it where one call computes both for less (one aten backward with a
+full output mask, no zero-filled buffer per parameter).
+
 Ops hold their static attributes (eps, stride, ...) as plain fields. They pick the Triton
 kernels or the torch reference per call with :func:`twobp.backend.resolve_backend`.
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 import abc
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = ["SplitOp", "Saved"]
@@ -47,3 +59,23 @@ class SplitOp(abc.ABC):
     def param_grads(self, dys: Sequence[Tensor], saved: Sequence[Saved],
                     grads: Sequence[Tensor | None]) -> None:
         """p2: accumulate dW over the micro-batches given into ``grads`` (None: skip that one)."""
+
+    def split_input_grads(self, dy: Tensor, saved: Saved, params: tuple[Tensor | None, ...],
+                          needs: tuple[bool, ...], p_needs: tuple[bool, ...]
+                          ) -> tuple[tuple[Tensor | None, ...], Saved | None]:
+        """p1 in a split region: (input grads, partials or None); see the module docstring."""
+        dx = self.input_grads(dy, saved, params, needs) if any(needs) else (None,) * len(needs)
+        return dx, None
+
+    def fused_grads(self, dy: Tensor, p1: Saved, p2: Saved, params: tuple[Tensor | None, ...],
+                    in_needs: tuple[bool, ...], p_needs: tuple[bool, ...]
+                    ) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
+        """Normal mode: (input grads, parameter grads) of one micro-batch, None where not needed.
+
+        Parameter gradients are new tensors in the parameter's dtype (autograd accumulates
+        them into ``.grad``)."""
+        dx = self.input_grads(dy, p1, params, in_needs) if any(in_needs) else (None,) * len(in_needs)
+        grads = [torch.zeros_like(p) if need else None for p, need in zip(params, p_needs)]
+        if any(p_needs):
+            self.param_grads([dy.contiguous()], [p2], grads)
+        return dx, tuple(grads)

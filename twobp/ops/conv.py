@@ -95,21 +95,48 @@ def conv2d_dx_ref(dy: Tensor, weight: Tensor, *, input_shape: Sequence[int], str
     return dxp[:, :, top:top + h, left:left + w].contiguous()
 
 
+def _padded(x: Tensor, pad: Padding4) -> tuple[Tensor, tuple[int, int]]:
+    """x and the symmetric padding aten takes: asymmetric padding is applied to x first."""
+    sym = _symmetric(pad)
+    if sym is not None:
+        return x, sym
+    (top, bottom), (left, right) = pad
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _aten_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, *, has_bias: bool, pad: Padding4, stride, dilation,
+                        mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """aten.convolution_backward (what autograd runs for conv2d) with an output mask.
+    ``x`` is only read for the weight gradient; for dX alone its shape is enough."""
+    xp, sym = _padded(x, pad)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dy, xp, weight, [weight.shape[0]] if has_bias else None, _pair("stride", stride, 1), sym,
+        _pair("dilation", dilation, 1), False, [0, 0], 1, mask)
+    if dx is not None and xp is not x:
+        (top, _), (left, _) = pad
+        dx = dx[:, :, top:top + x.shape[2], left:left + x.shape[3]].contiguous()
+    return dx, dw, db
+
+
 def conv2d_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], dweight: Tensor | None, dbias: Tensor | None, *,
                   stride: IntPair = 1, padding=0, dilation: IntPair = 1) -> None:
-    """dW += Σ_mb Σ_pixels dy ⋆ x, db += Σ_mb Σ_pixels dy, computed in fp32 and accumulated."""
+    """dW += Σ_mb Σ_pixels dy ⋆ x, db += Σ_mb Σ_pixels dy: aten's weight/bias backward per
+    micro-batch (fp32/fp64), or in fp32 for half inputs; accumulated."""
     pad = _sides(padding)
-    sym = _symmetric(pad)
     for x, dy in zip(xs, dys):
-        if dweight is not None:
-            xf, p = x.float(), sym
-            if p is None:
-                (top, bottom), (left, right) = pad
-                xf, p = F.pad(xf, (left, right, top, bottom)), (0, 0)
-            dw = torch.nn.grad.conv2d_weight(xf, dweight.shape, dy.float(), stride, p, dilation)
-            dweight.add_(dw.to(dweight.dtype))
+        if dweight is None:
+            if dbias is not None:
+                dbias.add_(dy.sum((0, 2, 3), dtype=torch.float32 if dy.dtype != torch.float64 else dy.dtype)
+                           .to(dbias.dtype))
+            continue
+        native = x.dtype in (torch.float32, torch.float64)
+        xc, dyc = (x, dy) if native else (x.float(), dy.float())
+        w_like = xc.new_empty(dweight.shape)  # sizes dW; its values are never read
+        _, dw, db = _aten_conv_backward(dyc, xc, w_like, has_bias=dbias is not None, pad=pad, stride=stride,
+                                        dilation=dilation, mask=[False, True, dbias is not None])
+        dweight.add_(dw.to(dweight.dtype))
         if dbias is not None:
-            dbias.add_(dy.float().sum((0, 2, 3)).to(dbias.dtype))
+            dbias.add_(db.to(dbias.dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,6 +231,16 @@ class Conv2dOp(SplitOp):
         else:
             dx = conv2d_dx_ref(dy, weight, input_shape=input_shape, **geo)
         return (dx,)
+
+    def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
+        weight, bias = params
+        x = p2.get("x")
+        if x is None or resolve_backend(dy.device) == "triton" or x.dtype not in (torch.float32, torch.float64):
+            return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
+        dx, dw, db = _aten_conv_backward(dy, x, weight, has_bias=bias is not None, pad=self._geometry(weight)["padding"],
+                                         stride=self.stride, dilation=self.dilation,
+                                         mask=[in_needs[0], p_needs[0], p_needs[1]])
+        return (dx,), (dw, db)
 
     def param_grads(self, dys, saved, grads):
         dweight, dbias = grads

@@ -80,6 +80,17 @@ class LinearOp(SplitOp):
             dx = linear_dx_ref(dy2, weight)
         return (dx.reshape(*dy.shape[:-1], k),)
 
+    def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
+        if resolve_backend(dy.device) == "triton":
+            return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
+        weight, bias = params
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        dx = linear_dx_ref(dy2, weight).reshape(*dy.shape[:-1], k) if in_needs[0] else None
+        dw = dy2.t().mm(p2["x"]) if p_needs[0] else None  # [N, K], no zero-filled buffer
+        db = dy2.sum(0) if p_needs[1] else None
+        return (dx,), (dw, db)
+
     def param_grads(self, dys, saved, grads):
         dweight, dbias = grads
         n = dys[0].shape[-1]

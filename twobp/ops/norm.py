@@ -43,8 +43,28 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------
-# torch reference: X [M, N] (any leading dims work), statistics [M] fp32, fp32 arithmetic
+# torch reference: X [M, N] (any leading dims work), statistics of X's leading shape.
+# fp32/fp64 inputs run aten's own fused kernels (torch.native_layer_norm and its backward
+# with an output mask, so p1 computes dX only and p2 dγ/dβ only; aten._fused_rms_norm),
+# whose statistics are in the input dtype. fp16/bf16 inputs compute in fp32 with fp32
+# statistics, like the Triton kernels (aten's CPU LayerNorm would keep half statistics).
 # ---------------------------------------------------------------------------------------
+
+_ATEN = torch.ops.aten
+_EAGER = "p1_reduces_dw"  # p1-set key: this forward's dγ/dβ are reduced in p1 (LayerNormOp)
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _native(x: Tensor) -> bool:
+    return x.dtype in _NATIVE_DTYPES
+
+
+def _has_fused_rms() -> bool:
+    return hasattr(_ATEN, "_fused_rms_norm")  # torch >= 2.8
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -52,9 +72,22 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return y + bias.float() if bias is not None else y
 
 
+def _stat(t: Tensor, x: Tensor) -> Tensor:
+    """aten's [..., 1] statistic as [...] (a view)."""
+    return t.view(x.shape[:-1])
+
+
+def _stat_for_aten(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(*x.shape[:-1], 1)
+
+
 def layer_norm_fwd_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y, μ, rstd): Y = (X - μ) rstd γ + β over the last dim; μ, rstd fp32 of X's leading shape."""
+    """(Y, μ, rstd): Y = (X - μ) rstd γ + β over the last dim; μ, rstd of X's leading shape."""
+    n = x.shape[-1]
+    if _native(x):
+        y, mean, rstd = torch.native_layer_norm(x, (n,), weight, bias, eps)
+        return y, _stat(mean, x), _stat(rstd, x)
     xf = x.float()
     mean = xf.mean(-1)
     xc = xf - mean.unsqueeze(-1)
@@ -63,46 +96,83 @@ def layer_norm_fwd_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 def rms_norm_fwd_ref(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    """(Y, rstd): Y = X rstd γ, rstd = 1 / sqrt(mean(X²) + eps), fp32."""
+    """(Y, rstd): Y = X rstd γ, rstd = 1 / sqrt(mean(X²) + eps) (fp32 for half inputs)."""
+    if _has_fused_rms():
+        y, rstd = _ATEN._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        if rstd.dtype == _compute_dtype(x):
+            return y, _stat(rstd, x)
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(-1) + eps)
     return _affine(xf * rstd.unsqueeze(-1), weight, None).to(x.dtype), rstd
 
 
 def _xhat(x: Tensor, mean: Tensor | None, rstd: Tensor) -> Tensor:
-    xf = x.float()
+    xf = x.to(_compute_dtype(x))
     if mean is not None:
-        xf = xf - mean.unsqueeze(-1)
-    return xf * rstd.unsqueeze(-1)
-
-
-def _norm_dx_ref(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor | None, rstd: Tensor) -> Tensor:
-    xhat = _xhat(x, mean, rstd)
-    g = dy.float() * weight.float() if weight is not None else dy.float()
-    c1 = (xhat * g).mean(-1, keepdim=True)
-    dx = g - xhat * c1
-    if mean is not None:
-        dx = dx - g.mean(-1, keepdim=True)
-    return (dx * rstd.unsqueeze(-1)).to(x.dtype)
+        xf = xf - mean.to(xf.dtype).unsqueeze(-1)
+    return xf * rstd.to(xf.dtype).unsqueeze(-1)
 
 
 def layer_norm_dx_ref(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor) -> Tensor:
     """p1: dX = rstd (G - mean(G) - X̂ mean(G X̂)), G = dY γ."""
-    return _norm_dx_ref(dy, x, weight, mean, rstd)
+    if _native(x):
+        n = x.shape[-1]
+        dx, _, _ = _ATEN.native_layer_norm_backward(dy, x, (n,), _stat_for_aten(mean, x), _stat_for_aten(rstd, x),
+                                                    weight, None, [True, False, False])
+        return dx
+    xhat = _xhat(x, mean, rstd)
+    g = dy.float() * weight.float() if weight is not None else dy.float()
+    dx = g - xhat * (xhat * g).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)
+    return (dx * rstd.unsqueeze(-1)).to(x.dtype)
 
 
 def rms_norm_dx_ref(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor) -> Tensor:
-    """p1: dX = rstd (G - X̂ mean(G X̂)), G = dY γ, X̂ = X rstd."""
-    return _norm_dx_ref(dy, x, weight, None, rstd)
+    """p1: dX = rstd (G - X̂ mean(G X̂)), G = dY γ, X̂ = X rstd.
+
+    Written as dX = rstd G - X (rstd³ mean(G X)): one row dot product, no X̂ tensor."""
+    ct = _compute_dtype(x)
+    xf, r = x.to(ct), rstd.to(ct)
+    g = dy.to(ct) * weight.to(ct) if weight is not None else dy.to(ct)
+    c = torch.linalg.vecdot(g, xf).mul_(r.pow(3) / x.shape[-1])      # rstd³ mean(G X), [...]
+    return torch.addcmul(g * r.unsqueeze(-1), xf, c.unsqueeze(-1), value=-1).to(x.dtype)
+
+
+def _dweight_rows(x: Tensor, dy: Tensor, mean: Tensor | None, rstd: Tensor) -> Tensor:
+    """Σ_rows dY X̂ of one micro-batch, [N], in the compute dtype."""
+    n = x.shape[-1]
+    ct = _compute_dtype(x)
+    x2, dy2, r = x.reshape(-1, n).to(ct), dy.reshape(-1, n).to(ct), rstd.reshape(-1).to(ct)
+    if mean is None:  # Σ_m rstd_m dY_m X_m: one product, then a matrix-vector reduction
+        return torch.mv((dy2 * x2).t(), r)
+    return (dy2 * _xhat(x2, mean.reshape(-1), r)).sum(0)
+
+
+def _layer_norm_dw_native(xs: Sequence[Tensor], dys: Sequence[Tensor], means: Sequence[Tensor],
+                          rstds: Sequence[Tensor], dweight: Tensor | None, dbias: Tensor | None) -> None:
+    """dγ, dβ through aten's LayerNorm backward, masked to the parameter gradients only."""
+    mask = [False, dweight is not None, dbias is not None]
+    tw = tb = None
+    for x, dy, mean, rstd in zip(xs, dys, means, rstds):
+        n = x.shape[-1]
+        # aten needs a γ and β tensor to size its outputs; dγ and dβ never read their values
+        dummy = x.new_empty(n)
+        _, dw, db = _ATEN.native_layer_norm_backward(dy, x, (n,), _stat_for_aten(mean, x), _stat_for_aten(rstd, x),
+                                                     dummy, dummy, mask)
+        tw = dw if tw is None else (tw.add_(dw) if dw is not None else tw)
+        tb = db if tb is None else (tb.add_(db) if db is not None else tb)
+    if dweight is not None:
+        dweight.add_(tw.to(dweight.dtype))
+    if dbias is not None:
+        dbias.add_(tb.to(dbias.dtype))
 
 
 def _norm_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], means: Sequence[Tensor | None],
                  rstds: Sequence[Tensor], dweight: Tensor | None, dbias: Tensor | None) -> None:
-    n = dys[0].shape[-1]
+    if dweight is not None and all(m is not None and _native(x) for x, m in zip(xs, means)):
+        _layer_norm_dw_native(xs, dys, means, rstds, dweight, dbias)
+        return
     if dweight is not None:
-        total = torch.zeros(n, dtype=torch.float32, device=dweight.device)
-        for x, dy, mean, rstd in zip(xs, dys, means, rstds):
-            total += (dy.float() * _xhat(x, mean, rstd)).reshape(-1, n).sum(0)
+        total = sum(_dweight_rows(x, dy, mean, rstd) for x, dy, mean, rstd in zip(xs, dys, means, rstds))
         dweight.add_(total.to(dweight.dtype))
     if dbias is not None:
         _dbias_ref(dys, dbias)
@@ -110,21 +180,22 @@ def _norm_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], means: Sequence[Te
 
 def _dbias_ref(dys: Sequence[Tensor], dbias: Tensor) -> None:
     n = dys[0].shape[-1]
-    total = torch.zeros(n, dtype=torch.float32, device=dbias.device)
+    total = None
     for dy in dys:
-        total += dy.float().reshape(-1, n).sum(0)
+        part = dy.reshape(-1, n).sum(0, dtype=_compute_dtype(dy))
+        total = part if total is None else total.add_(part)
     dbias.add_(total.to(dbias.dtype))
 
 
 def layer_norm_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], means: Sequence[Tensor],
                       rstds: Sequence[Tensor], dweight: Tensor | None, dbias: Tensor | None) -> None:
-    """p2: dγ += Σ dY X̂, dβ += Σ dY over the micro-batches, summed in fp32, added once."""
+    """p2: dγ += Σ dY X̂, dβ += Σ dY over the micro-batches, summed in ≥ fp32, added once."""
     _norm_dw_ref(xs, dys, means, rstds, dweight, dbias)
 
 
 def rms_norm_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], rstds: Sequence[Tensor],
                     dweight: Tensor | None) -> None:
-    """p2: dγ += Σ dY X rstd over the micro-batches, summed in fp32, added once."""
+    """p2: dγ += Σ dY X rstd over the micro-batches, summed in ≥ fp32, added once."""
     _norm_dw_ref(xs, dys, [None] * len(xs), rstds, dweight, None)
 
 
@@ -180,10 +251,27 @@ class LayerNormOp(SplitOp):
         else:
             y, mean, rstd = layer_norm_fwd_ref(x2, weight, bias, self.eps)
         saved = {"x": x2, "mean": mean, "rstd": rstd}
+        if save_p1 and save_p2 and resolve_backend(x.device) == "torch" and _native(x2):
+            # dγ, dβ ride along with dX in aten's one backward pass: p1 reduces them to [N]
+            # partials and frees X and dY (see split_input_grads); the marker owns no storage
+            return y.reshape(x.shape), {**saved, _EAGER: x2.new_empty(0)}, {}
         p1 = saved if save_p1 else {}
         # dβ needs dY only: keep X, μ, rstd for p2 only when γ trains
         p2 = dict(saved) if save_p2 and _needs_grad(weight) else {}
         return y.reshape(x.shape), p1, p2
+
+    def split_input_grads(self, dy, saved, params, needs, p_needs):
+        if _EAGER not in saved:
+            return super().split_input_grads(dy, saved, params, needs, p_needs)
+        weight, bias = params
+        x2 = saved["x"]
+        n = x2.shape[-1]
+        dx, dw, db = _ATEN.native_layer_norm_backward(
+            dy.reshape(x2.shape), x2, (n,), _stat_for_aten(saved["mean"], x2), _stat_for_aten(saved["rstd"], x2),
+            weight if weight is not None else (x2.new_ones(n) if p_needs[1] else None), bias,
+            [needs[0], p_needs[0], p_needs[1]])
+        partials = {k: v for k, v in (("dweight", dw), ("dbias", db)) if v is not None}
+        return ((dx.reshape(dy.shape) if dx is not None else None),), partials
 
     def input_grads(self, dy, saved, params, needs):
         weight = params[0]
@@ -200,6 +288,14 @@ class LayerNormOp(SplitOp):
         dweight, dbias = grads
         if dweight is None and dbias is None:
             return
+        if any(dy is None for dy in dys):  # partials reduced in p1 (split_input_grads)
+            for name, grad in (("dweight", dweight), ("dbias", dbias)):
+                if grad is not None:
+                    grad.add_(sum(s[name] for dy, s in zip(dys, saved) if dy is None).to(grad.dtype))
+            rest = [(dy, s) for dy, s in zip(dys, saved) if dy is not None]
+            if rest:
+                self.param_grads([dy for dy, _ in rest], [s for _, s in rest], grads)
+            return
         n = dys[0].shape[-1]
         dys2 = [dy.reshape(-1, n) for dy in dys]
         if dweight is None:
@@ -213,6 +309,20 @@ class LayerNormOp(SplitOp):
             layer_norm_dw(xs, dys2, means, rstds, dweight, dbias)
         else:
             layer_norm_dw_ref(xs, dys2, means, rstds, dweight, dbias)
+
+    def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
+        x2 = p1.get("x", p2.get("x"))
+        if x2 is None or resolve_backend(dy.device) == "triton" or not _native(x2):
+            return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
+        saved = p1 or p2
+        weight, bias = params
+        n = x2.shape[-1]
+        # aten sizes dβ by a β tensor (its values are never read); γ = None means γ = 1
+        dx, dw, db = _ATEN.native_layer_norm_backward(
+            dy.reshape(x2.shape), x2, (n,), _stat_for_aten(saved["mean"], x2), _stat_for_aten(saved["rstd"], x2),
+            weight if weight is not None else (x2.new_ones(n) if p_needs[1] else None),
+            bias if bias is not None else None, [in_needs[0], p_needs[0], p_needs[1]])
+        return ((dx.reshape(dy.shape) if dx is not None else None),), (dw, db)
 
 
 @dataclass(frozen=True)
@@ -265,3 +375,14 @@ class RMSNormOp(SplitOp):
             rms_norm_dw(xs, dys2, rstds, dweight)
         else:
             rms_norm_dw_ref(xs, dys2, rstds, dweight)
+
+    def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
+        saved = p1 or p2
+        if not saved or resolve_backend(dy.device) == "triton":
+            return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
+        (weight,) = params
+        x2, rstd = saved["x"], saved["rstd"]
+        dy2 = dy.reshape(x2.shape)
+        dx = rms_norm_dx_ref(dy2, x2, weight, rstd).reshape(dy.shape) if in_needs[0] else None
+        dw = _dweight_rows(x2, dy2, None, rstd).to(weight.dtype) if p_needs[0] else None
+        return (dx,), (dw,)
