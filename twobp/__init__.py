@@ -7,7 +7,8 @@ a pipeline schedule put p2 into its idle time.
 Public API:
 
 * modules: :class:`TwoBPLinear`, :class:`TwoBPLayerNorm`, :class:`TwoBPRMSNorm`,
-  :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps them into a model
+  :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps them into a model,
+  :func:`revert` swaps them back to torch's own modules
 * :func:`split_backward`, :func:`backward_p2`: the split itself
 * :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
 * :func:`use_backend`: force the Triton kernels or the torch reference
@@ -15,7 +16,7 @@ Public API:
 
 from .backend import resolve_backend, use_backend
 from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPLayerNorm, TwoBPLinear, TwoBPModule, TwoBPRMSNorm,
-                 convert, label_modules)
+                 convert, label_modules, revert)
 from .split import backward_p2, pending_microbatches, split_backward
 from .store import ActivationStore, LeakError, MemoryReport, default_store, memory_report
 
@@ -39,6 +40,7 @@ __all__ = [
     "memory_report",
     "pending_microbatches",
     "resolve_backend",
+    "revert",
     "split_backward",
     "use_backend",
 ]

@@ -174,3 +174,41 @@ def test_torch_transformer_encoder(split):
     # post-LN output has a fixed mean square, so project it on a random direction instead
     direction = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
     _check_same(original, converted, lambda m, b: (m(b) * direction).sum(), x, split)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "resnet"])
+def test_revert_gives_torch_modules_with_the_same_parameters_and_math(family):
+    """revert() swaps every twin back to torch's class (TwoBPAttention -> TorchAttention, SDPA),
+    keeping the Parameter objects; outputs and every gradient match the twobp model's."""
+    from twobp import models
+    from twobp.nn import TorchAttention
+
+    torch.manual_seed(0)
+    ours = models.build(family, "tiny")
+    torch.manual_seed(0)
+    theirs = models.build(family, "tiny")
+    params_before = [id(p) for p in theirs.parameters()]
+    assert twobp.revert(theirs) is theirs
+    assert [id(p) for p in theirs.parameters()] == params_before
+    assert not any(isinstance(m, twobp.TwoBPModule) for m in theirs.modules())
+    if family != "resnet":
+        assert any(isinstance(m, TorchAttention) for m in theirs.modules())
+    x, y = ours.example_batch(3, generator=torch.Generator().manual_seed(1))
+    for m in (ours, theirs):
+        m.loss_fn(m(x), y).backward()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
+    back = twobp.convert(theirs)
+    assert not any(type(m) in (nn.Linear, TorchAttention) for m in back.modules()), "convert undoes revert"
+    assert torch.allclose(back(x), ours(x), atol=1e-6)
+
+
+def test_revert_rejects_unknown_twobp_subclasses():
+    class Mine(twobp.TwoBPLinear):
+        pass
+
+    with pytest.raises(TypeError, match="no torch twin known for Mine"):
+        twobp.revert(nn.Sequential(Mine(2, 2)))
+    with pytest.raises(TypeError, match="revert takes an nn.Module"):
+        twobp.revert("model")

@@ -3,12 +3,14 @@
 from .attention import TwoBPAttention
 from .base import TwoBPModule, label_modules, twobp_modules
 from .conv import TwoBPConv2d
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, convert, revert
 from .linear import TwoBPLinear
 from .norm import TwoBPLayerNorm, TwoBPRMSNorm
+from .torch_attention import TorchAttention
 
 __all__ = [
     "ConversionReport",
+    "TorchAttention",
     "TwoBPAttention",
     "TwoBPConv2d",
     "TwoBPLayerNorm",
@@ -17,5 +19,6 @@ __all__ = [
     "TwoBPRMSNorm",
     "convert",
     "label_modules",
+    "revert",
     "twobp_modules",
 ]

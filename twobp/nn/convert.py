@@ -27,7 +27,7 @@ from torch import nn
 from .base import TwoBPModule, label_modules
 from .linear import TwoBPLinear
 
-__all__ = ["ConversionReport", "convert"]
+__all__ = ["ConversionReport", "convert", "revert"]
 
 log = logging.getLogger("twobp")
 
@@ -50,7 +50,11 @@ def _twin_classes() -> dict[type, type]:
     from .conv import TwoBPConv2d
     from .norm import TwoBPLayerNorm, TwoBPRMSNorm
 
-    twins: dict[type, type] = {nn.Linear: TwoBPLinear, nn.LayerNorm: TwoBPLayerNorm, nn.Conv2d: TwoBPConv2d}
+    from .attention import TwoBPAttention
+    from .torch_attention import TorchAttention
+
+    twins: dict[type, type] = {nn.Linear: TwoBPLinear, nn.LayerNorm: TwoBPLayerNorm, nn.Conv2d: TwoBPConv2d,
+                               TorchAttention: TwoBPAttention}  # revert()'s attention swaps straight back
     if hasattr(nn, "RMSNorm"):
         twins[nn.RMSNorm] = TwoBPRMSNorm
     # MultiheadAttention's out_proj is this marker subclass of nn.Linear, with no behaviour of its own
@@ -155,3 +159,39 @@ def convert(model: nn.Module, *, extra: Mapping[type, Callable[[nn.Module], nn.M
     if verbose:
         print(report)
     return (model, report) if return_report else model
+
+
+def _torch_classes() -> dict[type, type]:
+    from .attention import TwoBPAttention
+    from .conv import TwoBPConv2d
+    from .norm import TwoBPLayerNorm, TwoBPRMSNorm
+    from .torch_attention import TorchAttention
+
+    back: dict[type, type] = {TwoBPLinear: nn.Linear, TwoBPLayerNorm: nn.LayerNorm, TwoBPConv2d: nn.Conv2d,
+                              TwoBPAttention: TorchAttention}
+    if hasattr(nn, "RMSNorm"):
+        back[TwoBPRMSNorm] = nn.RMSNorm
+    return back
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`, in place: every twobp module becomes its torch twin
+    by a class swap (same Parameter objects, buffers and hooks), so the model runs on
+    torch's own modules and autograd alone. :class:`TwoBPAttention` becomes
+    :class:`~twobp.nn.torch_attention.TorchAttention` (the same math through
+    ``F.scaled_dot_product_attention``; ``nn.MultiheadAttention`` has no GQA or rotary).
+
+    For A/B measurements against plain torch on the very same weights, and for handing a
+    model to tools that expect torch's classes. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert takes an nn.Module, got {type(model).__name__}")
+    back = _torch_classes()
+    for m in model.modules():
+        cls = type(m)
+        if cls in back:
+            m.__class__ = back[cls]
+        elif isinstance(m, TwoBPModule):
+            raise TypeError(f"revert: no torch twin known for {cls.__name__} (a subclass of a twobp module); "
+                            "swap it back by hand")
+    return model
