@@ -140,6 +140,10 @@ def convert(model: nn.Module, *, extra: Mapping[type, Callable[[nn.Module], nn.M
                 report.swapped.append((name, kind.__name__, twins[kind].__name__))
             else:
                 report.left.append((name, kind.__name__, why))
+            for child_name, child in list(m.named_children()):  # e.g. an attention's out_proj
+                new = visit(f"{name}.{child_name}" if name else child_name, child)
+                if new is not child:
+                    setattr(m, child_name, new)
             return m
         for child_name, child in list(m.named_children()):
             new = visit(f"{name}.{child_name}" if name else child_name, child)
