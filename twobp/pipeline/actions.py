@@ -39,6 +39,17 @@ producer and each receive right before its consumer. A schedule may also be writ
 the explicit form by hand (to receive early, say); the validator then checks that every
 send has its receive.
 
+Carry
+-----
+``carry[r]`` (default 0 on every rank) is how many of rank r's trailing P2 micro-batches
+run at the start of the *next* step instead of at the end of this one, together with the
+rank's optimizer step, while the rank waits for its first input (a rank other than the
+first one waits for an activation the previous rank is still computing). The math does
+not change: a weight gradient is needed by the optimizer step, and this rank's optimizer
+step is needed by this rank's next forward, nothing earlier. The executor carries them
+when run with ``overlap_steps=True``; the simulator's :func:`~twobp.pipeline.simulate`
+reports the steady-state step time (``period``) that results.
+
 The text form of a whole schedule is a header line then one line per rank::
 
     schedule name=1f1b-2bp stages=2 chunks=1 microbatches=3
@@ -165,7 +176,7 @@ def parse_action(text: str) -> Action:
 
 
 _HEADER_RE = re.compile(
-    r"^schedule name=(\S+) stages=([0-9]+) chunks=([0-9]+) microbatches=([0-9]+)$")
+    r"^schedule name=(\S+) stages=([0-9]+) chunks=([0-9]+) microbatches=([0-9]+)(?: carry=([0-9,]+))?$")
 _RANK_RE = re.compile(r"^rank ([0-9]+):(.*)$")
 
 
@@ -183,6 +194,9 @@ class Schedule:
     """Micro-batches ``m`` per step, numbered ``0 .. m-1``."""
     name: str = "custom"
     """Free-form label (no spaces), e.g. ``1f1b-2bp``."""
+    carry: tuple[int, ...] = ()
+    """Per rank, trailing P2 micro-batches run at the start of the next step (see Carry in
+    the module docstring); ``()`` carries nothing."""
     meta: dict = field(default_factory=dict, compare=False, repr=False)
     """Generator notes (e.g. auto's lower bound); not part of the text form or equality."""
 
@@ -200,6 +214,11 @@ class Schedule:
             raise ValueError(
                 f"Schedule.ranks has {len(ranks)} action lists but stages={self.stages}: "
                 "give one list per rank")
+        carry = tuple(self.carry)
+        if carry and (len(carry) != self.stages or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in carry)):
+            raise ValueError(f"Schedule.carry must hold one int >= 0 per rank ({self.stages}), got {self.carry!r}")
+        object.__setattr__(self, "carry", carry if any(carry) else ())
 
     @property
     def num_stages(self) -> int:
@@ -224,15 +243,20 @@ class Schedule:
         """True when communication actions are written out."""
         return any(a.is_comm for acts in self.ranks for a in acts)
 
+    def carried(self, rank: int) -> int:
+        """P2 micro-batches rank ``rank`` carries into the next step."""
+        return self.carry[rank] if self.carry else 0
+
     def replace(self, **changes) -> "Schedule":
         kw = dict(ranks=self.ranks, stages=self.stages, chunks=self.chunks,
-                  microbatches=self.microbatches, name=self.name, meta=dict(self.meta))
+                  microbatches=self.microbatches, name=self.name, carry=self.carry, meta=dict(self.meta))
         kw.update(changes)
         return Schedule(**kw)
 
     def __str__(self) -> str:
         lines = [f"schedule name={self.name} stages={self.stages} chunks={self.chunks} "
-                 f"microbatches={self.microbatches}"]
+                 f"microbatches={self.microbatches}" + (f" carry={','.join(map(str, self.carry))}"
+                                                        if self.carry else "")]
         for r, acts in enumerate(self.ranks):
             lines.append(f"rank {r}: " + " ".join(str(a) for a in acts))
         return "\n".join(lines)
@@ -247,15 +271,16 @@ class Schedule:
         if head is None:
             raise ValueError(
                 f"schedule text must start with 'schedule name=<n> stages=<p> chunks=<v> "
-                f"microbatches=<m>', got {lines[0]!r}")
+                f"microbatches=<m>' (then optionally ' carry=<k0>,<k1>,...'), got {lines[0]!r}")
         name, p, v, m = head.group(1), *(int(head.group(i)) for i in (2, 3, 4))
+        carry = tuple(int(c) for c in head.group(5).split(",") if c) if head.group(5) else ()
         ranks: list[tuple[Action, ...]] = []
         for ln in lines[1:]:
             rm = _RANK_RE.match(ln)
             if rm is None or int(rm.group(1)) != len(ranks):
                 raise ValueError(f"expected 'rank {len(ranks)}: <actions>', got {ln!r}")
             ranks.append(tuple(parse_action(tok) for tok in rm.group(2).split()))
-        return cls(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name=name)
+        return cls(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name=name, carry=carry)
 
     def grid(self, mark: tuple[int, int] | None = None) -> str:
         """The schedule as a table (one column per rank); ``mark=(rank, index)`` flags a step."""

@@ -39,9 +39,10 @@ from .actions import Action, Schedule
 from .costs import Costs
 from .greedy import list_schedule
 from .lowering import lower_comm
+from .overlap import choose_carry, period, trailing_p2
 from .walk import walk
 
-__all__ = ["auto_schedule", "lower_bound", "auto_report"]
+__all__ = ["auto_schedule", "lower_bound", "period_lower_bound", "auto_report"]
 
 
 def lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) -> float:
@@ -59,6 +60,20 @@ def lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) ->
     path = sum(costs.at("F", s) + costs.at("P1", s) for s in range(S))
     path += 2 * sum(costs.at("comm", s) for s in range(S - 1)) + costs.at("P2", 0)
     return max(best, path)
+
+
+def period_lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) -> float:
+    """A steady-state step time no schedule can beat, carry or not: the busiest rank's work."""
+    p, v, m = stages, chunks, microbatches
+    return max(sum(m * (costs.at("F", c * p + r) + costs.at("P1", c * p + r) + costs.at("P2", c * p + r))
+                   for c in range(v)) for r in range(p))
+
+
+def _clamped(sched: Schedule) -> Schedule:
+    """``sched`` with each rank's carry cut to the P2 its list still ends with."""
+    if not sched.carry:
+        return sched
+    return sched.replace(carry=tuple(min(k, trailing_p2(acts)) for k, acts in zip(sched.carry, sched.ranks)))
 
 
 def _makespan(sched: Schedule, costs: Costs) -> float:
@@ -125,10 +140,25 @@ def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None) -> list
 
 
 def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int | None,
-                          budget: int) -> tuple[tuple[Schedule, float] | None, int]:
-    """Try moving one single-micro-batch P2 to another legal slot on its rank; return the
-    first move that shortens the makespan (or None) and the simulations spent."""
+                          budget: int, score=None) -> tuple[tuple[Schedule, float] | None, int]:
+    """Try moving one single-micro-batch P2 to another legal slot on its rank (or, with
+    carry, carrying one P2 more or less); return the first move that lowers ``score``
+    (default: the makespan) and the simulations spent."""
+    score = score or (lambda s: _makespan(s, costs))
     evals = 0
+    if sched.carry:
+        for r in range(1, sched.stages):
+            for d in (1, -1):
+                k = sched.carried(r) + d
+                if not 0 <= k <= trailing_p2(sched.ranks[r]):
+                    continue
+                if evals >= budget:
+                    return None, evals
+                cand = sched.replace(carry=sched.carry[:r] + (k,) + sched.carry[r + 1:])
+                evals += 1
+                t = score(cand)
+                if t < span - 1e-12:
+                    return (cand, t), evals
     for r, acts in enumerate(sched.ranks):
         acts = list(acts)
         for i, a in enumerate(acts):
@@ -146,37 +176,56 @@ def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int
                     continue
                 if evals >= budget:
                     return None, evals
-                cand = sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:])
+                cand = _clamped(sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:]))
                 evals += 1
-                t = _makespan(cand, costs)
+                t = score(cand)
                 if t < span - 1e-12:
                     return (cand, t), evals
     return None, evals
 
 
 def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Costs,
-                  memory_limit: int | None = None, max_evals: int = 3000) -> Schedule:
+                  memory_limit: int | None = None, max_evals: int = 3000,
+                  overlap_steps: bool = False) -> Schedule:
     """The ``auto`` placement (module docstring); ``schedule.meta`` holds ``makespan``,
-    ``lower_bound``, ``gap`` and ``start`` (which candidate the search began from)."""
+    ``lower_bound``, ``gap`` and ``start`` (which candidate the search began from).
+
+    ``overlap_steps``: minimise the steady-state step time with carried P2 instead of
+    the one-step makespan (see :mod:`.overlap`); the result has its ``carry`` set, and
+    ``meta`` reports the ``period`` and its lower bound (the busiest rank's work)."""
     p, m, v = stages, microbatches, chunks
     cands = _candidates(p, m, v, costs, memory_limit)
     if not cands:
         raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch "
                          f"chunks per rank; raise memory_limit (1 always fits)")
-    scored = sorted(((_makespan(s, costs), i, s) for i, s in enumerate(cands)),
-                    key=lambda x: (x[0], x[1]))
+    if overlap_steps:
+        cands = [choose_carry(s, costs) for s in cands]
+        lb = period_lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
+
+        def score(s: Schedule) -> float:
+            return period(s, costs)
+        # each period simulates 5 steps: keep the search's wall time near the one-step search's
+        max_evals = max(1, max_evals // 5)
+    else:
+        lb = lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
+
+        def score(s: Schedule) -> float:
+            return _makespan(s, costs)
+    scored = sorted(((score(s), i, s) for i, s in enumerate(cands)), key=lambda x: (x[0], x[1]))
     best_t, _, best = scored[0]
     start_name = best.name
-    lb = lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
     evals = 0
     while best_t > lb * (1 + 1e-9) and evals < max_evals:  # at the bound nothing improves
-        found, used = _first_improving_move(best, best_t, costs, memory_limit, max_evals - evals)
+        found, used = _first_improving_move(best, best_t, costs, memory_limit, max_evals - evals, score)
         evals += used
         if found is None:
             break
         best, best_t = found
-    meta = {"makespan": best_t, "lower_bound": lb, "gap": best_t / lb - 1 if lb > 0 else 0.0,
-            "start": start_name, "evals": evals}
+    key = "period" if overlap_steps else "makespan"
+    meta = {key: best_t, "lower_bound": lb, "gap": best_t / lb - 1 if lb > 0 else 0.0,
+            "start": start_name, "evals": evals, "objective": key}
+    if overlap_steps:
+        meta["makespan"] = _makespan(best, costs)
     return best.replace(name="auto", meta=meta)
 
 
@@ -185,6 +234,8 @@ def auto_report(schedule: Schedule) -> str:
     meta = schedule.meta
     if "lower_bound" not in meta:
         return f"{schedule.name}: no auto metadata"
-    return (f"auto: makespan {meta['makespan']:.4g}, lower bound {meta['lower_bound']:.4g} "
+    key = meta.get("objective", "makespan")
+    return (f"auto: {'steady-state step' if key == 'period' else 'makespan'} {meta[key]:.4g}, "
+            f"lower bound {meta['lower_bound']:.4g} "
             f"(within {meta['gap']:.1%} of optimal), started from {meta['start']}, "
             f"{meta['evals']} simulations")

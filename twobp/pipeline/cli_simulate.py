@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  twobp simulate -p 4 -m 8\n"
             "  twobp simulate -p 4 -m 16 --costs F=1,P1=1.2,P2=0.8,comm=0.05 --timeline runs/sim\n"
             "  twobp simulate -p 4 -m 8 --chunks 2 --schedules interleaved-1f1b,interleaved-1f1b-2bp\n"
-            "  twobp simulate -p 2 -m 8 --costs-json measured_costs.json --memory-limit 4"),
+            "  twobp simulate -p 2 -m 8 --costs-json measured_costs.json --memory-limit 4\n"
+            "  twobp simulate -p 2 -m 8 --costs F=1,P1=1.2,P2=0.6 --overlap-steps"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-p", "--stages", type=int, required=True, help="pipeline ranks p")
     ap.add_argument("-m", "--microbatches", type=int, required=True,
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "e.g. the 'costs' a measured run writes; overrides --costs")
     ap.add_argument("--memory-limit", type=int, default=None,
                     help="auto: most micro-batch chunks a rank may hold from F until P2")
+    ap.add_argument("--overlap-steps", action="store_true",
+                    help="2BP schedules carry trailing P2 into the next step where it shortens the "
+                         "steady-state step (the executor's overlap_steps); step times are then the "
+                         "steady-state period, not the one-step makespan")
     ap.add_argument("--timeline", type=Path, default=None,
                     help="directory for <schedule>.json (Chrome/Perfetto trace) and .png")
     ap.add_argument("--show", action="store_true", help="also print each schedule's text form")
@@ -73,7 +78,7 @@ def _parse_costs(text: str) -> Costs:
 
 def compare(*, stages: int, microbatches: int, chunks: int, costs: Costs, names: Sequence[str],
             memory_limit: int | None = None, timeline_dir: Path | None = None,
-            show: bool = False, out=None) -> list[dict]:
+            show: bool = False, out=None, overlap_steps: bool = False) -> list[dict]:
     """Simulate each ``<name>[-2bp]`` and print a markdown table; returns the rows."""
     out = out if out is not None else sys.stdout
     rows = []
@@ -83,26 +88,30 @@ def compare(*, stages: int, microbatches: int, chunks: int, costs: Costs, names:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sched = make_schedule(name, stages=stages, microbatches=microbatches, twobp=twobp,
-                                  chunks=chunks, costs=costs, memory_limit=memory_limit)
+                                  chunks=chunks, costs=costs, memory_limit=memory_limit,
+                                  overlap_steps=overlap_steps)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         res = simulate(sched, costs, check=False)  # make_schedule validated it
-        rows.append({"schedule": sched.name, "makespan": res.makespan,
-                     "bubble": res.bubble_fraction, "throughput": res.throughput,
+        rows.append({"schedule": sched.name, "makespan": res.makespan, "step": res.period,
+                     "carry": list(sched.carry), "bubble": res.bubble_fraction, "throughput": res.throughput,
                      "peak_held": max(res.peak_held), "result": res})
         if timeline_dir is not None:
             res.timeline.write(Path(timeline_dir) / sched.name)
         if show:
             print(sched, file=out)
-    base = next((r["makespan"] for r in rows if r["schedule"] == "1f1b"), rows[0]["makespan"])
+    base = next((r["step"] for r in rows if r["schedule"] == "1f1b"), rows[0]["step"])
     base_name = "1f1b" if any(r["schedule"] == "1f1b" for r in rows) else rows[0]["schedule"]
-    print(f"p={stages} m={microbatches} chunks={chunks} costs={costs.as_dict()}", file=out)
-    print(f"| schedule | makespan | bubble | throughput (mb/unit) | speedup vs {base_name} | "
+    print(f"p={stages} m={microbatches} chunks={chunks} costs={costs.as_dict()}"
+          + (" (steady state, carried P2)" if overlap_steps else ""), file=out)
+    extra = " carry | steady-state step |" if overlap_steps else ""
+    print(f"| schedule | makespan |{extra} bubble | throughput (mb/unit) | speedup vs {base_name} | "
           "peak held mb/rank |", file=out)
-    print("|---|---:|---:|---:|---:|---:|", file=out)
+    print("|---|---:|" + ("---|---:|" if overlap_steps else "") + "---:|---:|---:|---:|", file=out)
     for r in rows:
-        print(f"| {r['schedule']} | {r['makespan']:.4g} | {r['bubble']:.1%} | "
-              f"{r['throughput']:.4g} | {base / r['makespan']:.3f}x | {r['peak_held']} |", file=out)
+        mid = f" {r['carry'] or '-'} | {r['step']:.4g} |" if overlap_steps else ""
+        print(f"| {r['schedule']} | {r['makespan']:.4g} |{mid} {r['bubble']:.1%} | "
+              f"{r['throughput']:.4g} | {base / r['step']:.3f}x | {r['peak_held']} |", file=out)
     return rows
 
 
@@ -119,7 +128,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         names = [n.strip() for n in args.schedules.split(",") if n.strip()]
         compare(stages=args.stages, microbatches=args.microbatches, chunks=args.chunks,
                 costs=costs, names=names, memory_limit=args.memory_limit,
-                timeline_dir=args.timeline, show=args.show)
+                timeline_dir=args.timeline, show=args.show, overlap_steps=args.overlap_steps)
     except (ValueError, OSError) as e:
         print(f"twobp simulate: error: {e}", file=sys.stderr)
         return 2

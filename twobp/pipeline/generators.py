@@ -44,7 +44,7 @@ def _check_int(name: str, val, lo: int = 1) -> int:
 
 def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chunks: int = 1,
                   costs: Costs | Mapping | None = None, memory_limit: int | None = None,
-                  validate_result: bool = True) -> Schedule:
+                  overlap_steps: bool = False, validate_result: bool = True) -> Schedule:
     """Build the schedule ``name`` for ``stages`` ranks and ``microbatches`` micro-batches.
 
     ``twobp``: split backward into P1/P2 (True) or fuse it into B (False).
@@ -53,6 +53,11 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     (default unit costs); the fixed schedules do not depend on costs.
     ``memory_limit``: for ``auto``, the most micro-batch chunks a rank may hold from F
     until P2 (default unbounded); ``zb-h1`` always uses ``stages``.
+    ``overlap_steps`` (2BP only): set each rank's ``carry``, the trailing P2 it runs at
+    the start of the next step while it waits for its first input (see
+    :mod:`.overlap`), to minimise the steady-state step time on ``costs``; ``auto`` then
+    also places its P2 for that objective. Run it with
+    ``PipelineExecutor(..., overlap_steps=True)``.
 
     Too few micro-batches: an error where the schedule cannot be built (interleaved
     needs a multiple of ``stages``), a ``UserWarning`` where it only costs a bubble
@@ -92,10 +97,13 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     else:
         from .auto import auto_schedule
         sched = auto_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
-                              memory_limit=memory_limit)
+                              memory_limit=memory_limit, overlap_steps=overlap_steps and twobp)
     sched = merge_p2(sched)
     if not twobp:
-        sched = fuse_backward(sched)
+        sched = fuse_backward(sched).replace(carry=())
+    elif overlap_steps and name != "auto":
+        from .overlap import choose_carry
+        sched = choose_carry(sched, costs)
     sched = sched.replace(name=f"{name}{'-2bp' if twobp else ''}")
     if validate_result:
         from .validate import validate

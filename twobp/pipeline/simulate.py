@@ -8,7 +8,8 @@ Figures, for ``p`` ranks, makespan ``T`` and busy time ``busy_r`` of rank r:
 
 * ``bubble_fraction = sum_r (T - busy_r) / (p * T)``, the idle share of all ranks' time;
   for 1F1B with ``comm = 0`` it is exactly ``(p-1) / (m+p-1)`` for any F and B;
-* ``throughput = m / T`` micro-batches per time unit;
+* ``throughput = m / T`` micro-batches per time unit (``T`` the steady-state ``period``
+  when ranks carry P2 into the next step);
 * held activations per rank: a micro-batch's chunk holds ``activation`` bytes from the
   start of its F to the end of its P1/B, then ``p2`` bytes until its P2 ends. Without
   sizes the count of (micro-batch, chunk) pairs between F and the end of their backward
@@ -50,9 +51,14 @@ class SimResult:
     peak_bytes: list[float] | None
     """Per rank, the peak of held bytes (when ``sizes`` were given)."""
     timeline: Timeline
+    period: float = 0.0
+    """Steady-state time per step: the makespan, or less when ranks carry P2 into the next
+    step (``schedule.carry``; see :mod:`.overlap`)."""
 
     def summary(self) -> str:
-        return (f"{self.schedule.name}: makespan {self.makespan:.4g}, bubble "
+        carry = f", steady-state step {self.period:.4g} (carry {list(self.schedule.carry)})" \
+            if self.schedule.carry else ""
+        return (f"{self.schedule.name}: makespan {self.makespan:.4g}{carry}, bubble "
                 f"{self.bubble_fraction:.1%}, throughput {self.throughput:.4g}/unit, "
                 f"peak held {max(self.peak_held)}")
 
@@ -133,8 +139,13 @@ def simulate(schedule: Schedule, costs: Costs | Mapping | None = None, *,
                         nbytes -= sizes.at("p2", st)
     span = max((max(e, default=0.0) for e in w.end), default=0.0)
     idle = [span - b for b in busy]
+    if schedule.carry:
+        from .overlap import period
+        step = period(schedule, costs)
+    else:
+        step = span
     return SimResult(
         schedule=schedule, makespan=span, busy=busy, idle=idle,
         bubble_fraction=(sum(idle) / (p * span)) if span > 0 else 0.0,
-        throughput=schedule.microbatches / span if span > 0 else float("inf"),
-        peak_held=peak_held, peak_bytes=peak_bytes, timeline=tl)
+        throughput=schedule.microbatches / step if step > 0 else float("inf"),
+        peak_held=peak_held, peak_bytes=peak_bytes, timeline=tl, period=step)

@@ -90,7 +90,15 @@ def fifo_violations(schedule: Schedule) -> list[str]:
 
 
 def _check_shape(s: Schedule) -> list:
+    from .overlap import trailing_p2
+
     faults = []
+    for r in range(s.stages):
+        if s.carried(r) > trailing_p2(s.ranks[r]):
+            acts = s.ranks[r]
+            faults.append((r, acts[-1] if acts else None,
+                           f"carry={s.carried(r)} on rank {r} but its list ends with only "
+                           f"{trailing_p2(acts)} P2 micro-batches to carry"))
     for r, acts in enumerate(s.ranks):
         for a in acts:
             if a.kind not in COMPUTE_KINDS + COMM_KINDS:
