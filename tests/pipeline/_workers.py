@@ -83,7 +83,7 @@ def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> d
             "loss": res.loss,
             "grads": {k: p.grad.clone() for k, p in ex.named_parameters() if p.grad is not None},
             "params": {k: p.detach().clone() for k, p in ex.named_parameters()},
-            "store_empty": res.store_empty and twobp.default_store().is_empty(),
+            "store_empty": res.store_empty and ex.store.is_empty() and twobp.default_store().is_empty(),
             "peak_store_bytes": res.peak_store_bytes,
             "costs": measured[0],
             "trace": measured[1].to_trace() if measured[1] is not None else None,
@@ -150,4 +150,41 @@ def run_single_rank(rank: int, world: int, seed: int, n: int) -> dict:
         res = ex.step(ref["ids"], ref["tgt"], measure=True)
         out[sched.name] = {"loss": res.loss, "store_empty": res.store_empty,
                            "grads": {k: p.grad.clone() for k, p in ex.named_parameters()}}
+    return out
+
+
+def run_overlap(rank: int, world: int, seed: int, n: int, steps: int, name: str, m: int) -> dict:
+    """Train ``steps`` AdamW steps (with an lr scheduler) twice from the same weights: with
+    carried P2 (overlap_steps) and without. Returns both runs' losses and final weights,
+    what each step carried, whether stepping the optimizer by hand was refused, and the
+    timeline kinds of the carrying run's last step."""
+    torch.set_num_threads(1)
+    out = {}
+    for overlap in (False, True):
+        sched = make_schedule(name, stages=world, microbatches=m, twobp=True, overlap_steps=overlap,
+                              costs={"F": 1.0, "P1": 1.2, "P2": 0.6})
+        ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60, overlap_steps=overlap)
+        opt = torch.optim.AdamW(ex.parameters(), lr=1e-2)
+        lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        losses, carried, refused, kinds = [], [], None, None
+        for step in range(steps):
+            x, y = make_batch(seed + step, n)
+            res = ex.step(x, y, optimizer=opt, lr_scheduler=lr_sched, measure=step == steps - 1)
+            losses.append(res.loss)
+            carried.append(res.carried)
+            if step == 0 and ex.owes:
+                try:
+                    opt.step()
+                    refused = "not refused"
+                except RuntimeError as e:
+                    refused = str(e)
+            if res.timeline is not None:
+                kinds = sorted({e.kind for e in res.timeline.events if e.rank == rank})
+        ex.flush()
+        out[overlap] = {
+            "schedule": str(sched), "losses": losses, "carried": carried, "refused": refused,
+            "kinds": kinds, "owes_after_flush": ex.owes, "lr": opt.param_groups[0]["lr"],
+            "store_empty": ex.store.is_empty(),
+            "params": {k: p.detach().clone() for k, p in ex.named_parameters()},
+        }
     return out

@@ -196,3 +196,27 @@ def test_single_rank_local_handoff_and_tied_weights_on_one_rank():
         assert set(res["grads"]) == {"0.weight", "1.0.weight", "1.0.bias", "2.weight", "2.bias"}
         for k, g in res["grads"].items():
             torch.testing.assert_close(g, ref["grads"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,m", [("auto", 4), ("1f1b", 3)])
+def test_carried_p2_trains_exactly_like_the_plain_step(name, m):
+    """overlap_steps: a rank's carried P2 and optimizer step run at the start of the next
+    step. Over several AdamW steps with an lr scheduler the losses and final weights must be
+    bit-identical to the run without carry; stepping the optimizer by hand while P2 is owed
+    is refused; flush() leaves nothing owed and the store empty."""
+    per_rank = spawn(W.run_overlap, world_size=2, args=(0, 8, 4, name, m), timeout=60, join_timeout=240)
+    for rank, out in enumerate(per_rank):
+        plain, over = out[False], out[True]
+        assert plain["losses"] == over["losses"]
+        for k, p in plain["params"].items():
+            assert torch.equal(p, over["params"][k]), f"rank {rank} {k} differs after carried steps"
+        assert plain["lr"] == over["lr"] == 1e-2 * 0.5 ** 4, "the lr scheduler stepped once per step"
+        assert over["store_empty"] and not over["owes_after_flush"]
+        assert plain["carried"] == [0, 0, 0, 0]
+    carrying = per_rank[1][True]
+    if name == "auto":
+        assert "carry=0," in carrying["schedule"], carrying["schedule"]
+        assert carrying["carried"][0] > 0
+        assert "flush()" in carrying["refused"]
+        assert "optim" in carrying["kinds"] and "P2" in carrying["kinds"]

@@ -39,6 +39,8 @@ from .actions import Schedule
 from .comm import P2P
 from .comm import one_way_channels as _one_way_channels
 from .lowering import comm_peer, lower_comm, message_key
+from ..store import ActivationStore
+from .overlap import split_tail
 from .partition import BlockLike, Partition, partition_blocks
 from .timeline import Event, Timeline
 from .validate import fifo_violations, validate
@@ -63,7 +65,13 @@ class StepResult:
     peak_store_bytes: int
     """Peak bytes in this rank's twobp activation store during the step."""
     store_empty: bool
-    """Whether this rank's activation store and executor buffers were empty afterwards."""
+    """Whether this rank's activation store and executor buffers were empty afterwards (apart
+    from the entries of the P2 it carries into the next step)."""
+    carried: int = 0
+    """P2 micro-batches this rank carries into the next step (``overlap_steps``)."""
+    rank_events: list[Event] | None = None
+    """This rank's own actions in seconds from its step start, without any collective (on
+    CPU always; on CUDA with ``measure=True`` only, as reading event times synchronizes)."""
 
 
 class _Clock:
@@ -114,6 +122,14 @@ class PipelineExecutor:
     ``one_way_channels``: send each direction between two ranks on its own process group
     (see :mod:`.comm`; default: on for NCCL). Building them is a collective over the
     default group, so it needs ``group=None`` and every rank constructing the executor.
+    ``overlap_steps``: run the P2 this rank carries (``schedule.carry``, see
+    :func:`~twobp.pipeline.make_schedule` with ``overlap_steps=True``) and its optimizer
+    step at the start of the next :meth:`step`, while it waits for its first input. Only
+    when :meth:`step` is given the optimizer; :meth:`flush` finishes them (call it before
+    reading, evaluating or saving the weights; stepping that optimizer yourself while work
+    is carried raises an error that says so).
+    ``store``: the activation store this executor's split forwards use (default: one of
+    its own, so pipelines in one process never see each other's entries; ``self.store``).
     """
 
     def __init__(self, blocks: Sequence[BlockLike] | nn.Sequential,
@@ -122,7 +138,8 @@ class PipelineExecutor:
                  device: torch.device | str | None = None,
                  block_costs: Sequence[float] | None = None, bounds: Sequence[int] | None = None,
                  timeout: float = 300.0, one_way_channels: bool | None = None,
-                 static_shapes: bool = True):
+                 static_shapes: bool = True, overlap_steps: bool = False,
+                 store: "ActivationStore | None" = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: start the ranks with "
                                "twobp.pipeline.spawn(...) or under torchrun with init_from_env()")
@@ -157,8 +174,18 @@ class PipelineExecutor:
                                                  bounds=bounds)
         self.stages: dict[int, nn.Sequential] = {c: built[s].to(self.device)
                                                  for c, s in enumerate(mine)}
-        self._lowered = lower_comm(schedule)
+        mine_acts, carried = split_tail(schedule.ranks[self.rank], schedule.carried(self.rank))
+        self._lowered = lower_comm(schedule.replace(
+            ranks=schedule.ranks[:self.rank] + (tuple(mine_acts),) + schedule.ranks[self.rank + 1:], carry=()))
+        self._carry_acts = carried if overlap_steps else []
+        if not overlap_steps and carried:  # run as written, at the end of the step
+            self._lowered = lower_comm(schedule.replace(carry=()))
         self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
+        self.overlap_steps = overlap_steps
+        self.store = store if store is not None else ActivationStore()
+        self._owed: list = []  # carried P2 actions not yet run (from the last step)
+        self._owed_opt: tuple | None = None  # (optimizer, lr_scheduler) whose step is owed
+        self._guarded: set[int] = set()  # ids of optimizers with the early-step guard
         if one_way_channels is None:
             one_way_channels = dist.get_backend(group) == "nccl" and group is None
         channels = None
@@ -196,14 +223,15 @@ class PipelineExecutor:
 
     def step(self, inputs: torch.Tensor, targets: Any = None, *,
              optimizer: torch.optim.Optimizer | None = None, zero_grad: bool = True,
-             measure: bool = True) -> StepResult:
+             measure: bool = True, lr_scheduler: Any = None) -> StepResult:
         """One training step over the full batch ``inputs`` (split along dim 0 into the
         schedule's micro-batches). Every rank passes the same batch; only the first
         stage reads ``inputs`` and only the last reads ``targets``.
 
         ``zero_grad``: clear this rank's ``.grad`` first. ``optimizer``: stepped after the
-        schedule. ``measure``: gather every rank's timeline and measured costs (one small
-        collective).
+        schedule (then ``lr_scheduler``, if given); with ``overlap_steps`` and carried P2 on
+        this rank, at the start of the next step instead (see :meth:`flush`).
+        ``measure``: gather every rank's timeline and measured costs (one small collective).
         """
         import twobp
 
@@ -219,14 +247,22 @@ class PipelineExecutor:
         known = self._static_shapes and self._shape_key == batch_key
         if not known:
             self._shapes.clear()
-        store = twobp.default_store()
+        store = self.store
+        if lr_scheduler is not None and optimizer is None:
+            raise ValueError("step(lr_scheduler=...) needs optimizer= too: the executor steps the "
+                             "scheduler right after the optimizer")
+        if measure:
+            self._collective("the start-of-step barrier", dist.barrier, group=self.group)
+        self._clock.start()
+        records = []  # (text, kind, mark0, mark1, message key or None)
+        if self._owed or self._owed_opt:
+            self._run_owed(records)  # last step's carried P2 and optimizer step
         store.begin_step()  # raises LeakError if something was left from before
         if zero_grad:
             for prm in self.parameters():
                 prm.grad = None
-        if measure:
-            self._collective("the start-of-step barrier", dist.barrier, group=self.group)
-        self._clock.start()
+        if optimizer is not None and self.overlap_steps and self._carry_acts:
+            self._guard(optimizer)
         last = sched.num_stages - 1
         acts = self._lowered.ranks[self.rank]
         act_in: dict[tuple[int, int], torch.Tensor] = {}
@@ -235,7 +271,6 @@ class PipelineExecutor:
         out_act: dict[tuple[int, int], torch.Tensor] = {}
         out_grad: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        records = []  # (text, kind, mark0, mark1, message key or None)
         i = -1
         try:
             for i, a in enumerate(acts):
@@ -265,7 +300,7 @@ class PipelineExecutor:
                     x = xs[a.mb].to(self.device) if s == 0 else act_in.pop(key)
                     if s > 0 and x.is_floating_point():
                         x = x.detach().requires_grad_(True)
-                    ctx = (twobp.split_backward(microbatch=a.mb) if key in self._split
+                    ctx = (twobp.split_backward(microbatch=a.mb, store=store) if key in self._split
                            else contextlib.nullcontext())
                     with ctx:
                         y = module(x)
@@ -301,7 +336,7 @@ class PipelineExecutor:
                             out_grad[key] = dx
                     del x, y
                 elif a.kind == "P2":
-                    twobp.backward_p2(module, microbatches=a.mbs, batched=True)
+                    twobp.backward_p2(module, microbatches=a.mbs, batched=True, store=store)
                 records.append((str(a), a.kind, t0, self._clock.mark(), None))
             self._p2p.drain()
         except Exception as e:
@@ -310,19 +345,29 @@ class PipelineExecutor:
                 f"(step {i}) of schedule {sched.name!r}: {type(e).__name__}: {e}\n"
                 f"{self._where(i)}") from e
         self._shape_key = batch_key
-        empty = (store.is_empty() and not (act_in or grad_in or saved or out_act or out_grad))
+        carrying = bool(self._carry_acts) and optimizer is not None
+        if self._carry_acts and optimizer is None:  # nobody to step after them: run them now
+            self._run_p2_actions(self._carry_acts, records)
+        empty = (self._store_holds_only_carried(store, carrying)
+                 and not (act_in or grad_in or saved or out_act or out_grad))
         peak = store.peak_bytes
         if dist.get_world_size(self.group) > 1:
             src = sched.place(last)[0]
             self._collective("the loss broadcast", dist.broadcast, loss_sum,
                              src=src if self.group is None else dist.get_global_rank(self.group, src),
                              group=self.group)
-        if optimizer is not None:
-            optimizer.step()
-        timeline = costs = None
-        if measure:
+        if carrying:
+            self._owed, self._owed_opt = list(self._carry_acts), (optimizer, lr_scheduler)
+        elif optimizer is not None:
+            t0 = self._clock.mark()
+            self._step_optimizer(optimizer, lr_scheduler)
+            records.append(("optim", "optim", t0, self._clock.mark(), None))
+        timeline = costs = rank_events = None
+        if measure or not self._clock.cuda:  # CUDA event times need a synchronize
             secs = self._clock.seconds()
             mine = [(self.rank, txt, kind, secs[a], secs[b], mk) for txt, kind, a, b, mk in records]
+            rank_events = [Event(r, txt, kind, a, b) for r, txt, kind, a, b, _ in mine]
+        if measure:
             gathered: list = [None] * dist.get_world_size(self.group)
             self._collective("gathering the timelines", dist.all_gather_object, gathered, mine,
                              group=self.group)
@@ -331,7 +376,72 @@ class PipelineExecutor:
                                 events=[Event(r, txt, kind, a, b) for r, txt, kind, a, b, _ in rows])
             costs = measured_costs(sched, rows)
         return StepResult(loss=float(loss_sum), timeline=timeline, costs=costs,
-                          peak_store_bytes=peak, store_empty=empty)
+                          peak_store_bytes=peak, store_empty=empty, rank_events=rank_events,
+                          carried=sum(len(a.mbs) for a in self._owed))
+
+    # ---- carried work (overlap_steps) ---------------------------------------------------
+    def flush(self) -> None:
+        """Run what this rank carries from the last step (its trailing P2 and its optimizer
+        and lr-scheduler steps) now. A no-op when nothing is carried; call it on every rank
+        before reading, evaluating or saving the weights."""
+        if self._owed or self._owed_opt:
+            self._clock.start()
+            self._run_owed([])
+
+    @property
+    def owes(self) -> bool:
+        """Whether this rank still carries P2 or an optimizer step from the last step."""
+        return bool(self._owed or self._owed_opt)
+
+    def _run_owed(self, records: list) -> None:
+        acts, self._owed = self._owed, []
+        self._run_p2_actions(acts, records)
+        if self._owed_opt is not None:
+            (opt, sched), self._owed_opt = self._owed_opt, None
+            t0 = self._clock.mark()
+            self._step_optimizer(opt, sched)
+            records.append(("optim", "optim", t0, self._clock.mark(), None))
+
+    def _run_p2_actions(self, acts, records: list) -> None:
+        import twobp
+
+        for a in acts:
+            t0 = self._clock.mark()
+            twobp.backward_p2(self.stages[a.chunk], microbatches=a.mbs, batched=True, store=self.store)
+            records.append((str(a), "P2", t0, self._clock.mark(), None))
+
+    def _step_optimizer(self, optimizer, lr_scheduler) -> None:
+        self._stepping = True
+        try:
+            optimizer.step()
+        finally:
+            self._stepping = False
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+
+    def _guard(self, optimizer) -> None:
+        """Make ``optimizer.step()`` outside the executor fail while P2 is carried."""
+        if id(optimizer) in self._guarded or not hasattr(optimizer, "register_step_pre_hook"):
+            return
+        self._guarded.add(id(optimizer))
+
+        def check(opt, args, kwargs):
+            if self.owes and not getattr(self, "_stepping", False):
+                raise RuntimeError(
+                    f"optimizer.step() on pipeline rank {self.rank} while this rank still owes the "
+                    f"weight gradients (P2) it carried from the last step (overlap_steps=True): those "
+                    "gradients are incomplete. Call executor.flush() instead: it runs them and steps "
+                    "this optimizer (and the lr scheduler given to step()).")
+
+        optimizer.register_step_pre_hook(check)
+
+    def _store_holds_only_carried(self, store, carrying: bool) -> bool:
+        if not carrying:
+            return store.is_empty()
+        allowed = {(mb, a.chunk) for a in self._carry_acts for mb in a.mbs}
+        chunk_of = {id(m): c for c, st in self.stages.items() for m in st.modules()}
+        return all(e.state.value == "ready" and (e.microbatch, chunk_of.get(id(e.owner))) in allowed
+                   for e in store.entries())
 
     def _collective(self, what: str, fn, *args, **kwargs) -> None:
         # Collectives wait on every rank; say which step of the executor hung or failed.

@@ -25,10 +25,11 @@ KIND_COLORS = {
     "B": "#8172B3",    # purple: fused backward
     "P1": "#DD8452",   # orange: on the critical path
     "P2": "#55A868",   # green: deferred weight gradients
+    "optim": "#CCB974",  # sand: optimizer step (executor only)
     "recv": "#C44E52",  # red: waiting on a peer (executor only)
     "send": "#8C8C8C",  # grey: posting a send (executor only)
 }
-_COMPUTE = ("F", "B", "P1", "P2")
+_COMPUTE = ("F", "B", "P1", "P2", "optim")
 
 
 @dataclass(frozen=True)
