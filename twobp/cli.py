@@ -98,6 +98,10 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--stages", type=int, default=d.stages, help="pipeline ranks (processes)")
     g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved)")
     g.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")
+    g.add_argument("--overlap-steps", dest="overlap_steps", action=argparse.BooleanOptionalAction,
+                   default=d.overlap_steps,
+                   help="2BP schedules carry trailing P2 and the rank's optimizer step into the next step's "
+                        "fill where the measured costs say it helps (default: on)")
     if job == "train":
         g.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1 or auto")
         g.add_argument("--2bp", dest="twobp", action=argparse.BooleanOptionalAction, default=True,
@@ -134,6 +138,7 @@ def _job_main(args: argparse.Namespace) -> int:
                         microbatches=args.microbatches, batch_size=args.batch_size, variants=variants,
                         steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed, device=args.device,
                         threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,
+                        overlap_steps=args.overlap_steps,
                         out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet)
     except ValueError as e:
         raise SystemExit(f"twobp {args.job}: {e}")

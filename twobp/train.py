@@ -1,10 +1,13 @@
 """Pipelined training jobs: what `twobp run`, `twobp train` and `twobp compare` execute.
 
 A job trains one model with one or more pipeline *variants* (schedule x 2BP on/off),
-on the same data from the same initial weights, and reports per variant:
+on the same data from the same initial weights. All variants live in the same processes
+and **alternate step by step** (one step of each per round, the order rotated every
+round), so a drift in machine speed hits all of them alike. Per variant it reports:
 
 * throughput (tokens/s for language models, samples/s otherwise), from the median step
-  time after ``warmup`` steps;
+  time after ``warmup`` steps, and the speedup over the first variant as the median of
+  the per-round ratios, with its interquartile range (a range holding 1 is noise);
 * the bubble: idle share of the ranks' time in the last step's measured timeline;
 * peak bytes in each stage's saved-activation store;
 * the loss of every step (variants must agree: same math, different order).
@@ -30,7 +33,7 @@ import torch.distributed as dist
 
 from .store import format_bytes
 
-__all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results", "results_to_json"]
+__all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results", "results_to_json", "batch_source"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class JobConfig:
     """Seconds a rank waits for a silent peer before the job fails with an error."""
     tie_embeddings: bool = False
     """Tie a language model's head to its embedding (then they must sit on one rank)."""
+    overlap_steps: bool = True
+    """2BP schedules carry trailing P2 (and the rank's optimizer step) into the next step's
+    fill where the cost model says it shortens the step (``PipelineExecutor(overlap_steps=)``)."""
     out: str | None = "runs/latest"
     """Folder for the timeline traces/pictures and results (None: write nothing)."""
     checkpoint: str | None = None
@@ -128,6 +134,8 @@ class VariantResult:
     store_empty: bool
     timeline: Any = field(default=None, repr=False)
     costs: dict | None = None
+    carry: list[int] = field(default_factory=list)
+    """P2 micro-batches each rank carried into the next step (empty: none)."""
 
     @property
     def label(self) -> str:
@@ -141,15 +149,33 @@ class VariantResult:
     def loss(self) -> float:
         return self.losses[-1]
 
+    def speedup_over(self, base: "VariantResult") -> tuple[float, float, float]:
+        """Speed relative to ``base`` from the steps both ran in the same round (they
+        alternate): (median, first quartile, third quartile) of base time / own time."""
+        ratios = sorted(b / a for a, b in zip(self.step_seconds, base.step_seconds))
+        return statistics.median(ratios), _quantile(ratios, 0.25), _quantile(ratios, 0.75)
+
+
+def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values."""
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
 
 # ---- the worker -----------------------------------------------------------------------
-def _data_source(cfg: JobConfig, model):
+def batch_source(model_name: str, model):
+    """Where a job's batches come from (``.batch(step, batch_size, seed=)``): the stdlib byte
+    corpus for language models, the model's labelled synthetic batches otherwise."""
     from .data import ByteCorpus, SyntheticBatches
 
-    if cfg.model == "llama":
+    if model_name == "llama":
         return ByteCorpus(seq_len=model.config.seq_len + 1)
     return SyntheticBatches(lambda batch_size, generator=None, device=None:
-                            model.example_batch(batch_size, generator=generator), name=f"synthetic {cfg.model}")
+                            model.example_batch(batch_size, generator=generator), name=f"synthetic {model_name}")
 
 
 def _items_per_step(cfg: JobConfig, model) -> tuple[int, str]:
@@ -166,9 +192,50 @@ def _build_model(cfg: JobConfig):
     return models.build(cfg.model, cfg.preset, **overrides)
 
 
+class _Run:
+    """One variant's executor, optimizer and record on this rank."""
+
+    def __init__(self, cfg: JobConfig, variant: Variant, world: int, device, costs):
+        from .checkpoint import load_stage_state
+        from .pipeline import PipelineExecutor, make_schedule
+
+        model = _build_model(cfg)
+        overlap = cfg.overlap_steps and variant.twobp
+        sched = make_schedule(variant.schedule, stages=world, microbatches=cfg.microbatches,
+                              twobp=variant.twobp, chunks=cfg.chunks, costs=costs, overlap_steps=overlap)
+        self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, device=device,
+                                   timeout=cfg.timeout, overlap_steps=overlap)
+        if cfg.resume:
+            load_stage_state(self.ex, cfg.resume)
+        self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
+        self.variant, self.schedule = variant, sched
+        self.items, self.unit = _items_per_step(cfg, model)
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self.last = None
+
+    def step(self, x, y, *, measure: bool) -> float:
+        t0 = time.perf_counter()
+        self.last = self.ex.step(x, y, optimizer=self.opt, measure=measure)
+        wall = time.perf_counter() - t0
+        self.losses.append(self.last.loss)
+        return wall
+
+
+def _probe_costs(cfg: JobConfig, world: int, device, data) -> dict:
+    """Per-stage F / P1 / P2 costs, measured on a throw-away 1F1B + 2BP run (its second step)."""
+    probe = _Run(cfg, Variant("1f1b", True), world, device, None)
+    for k in range(2):
+        x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
+        probe.step(x.to(device), y.to(device), measure=k == 1)
+    costs = probe.last.costs
+    probe.ex.flush()
+    del probe
+    return costs
+
+
 def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
-    from .pipeline import PipelineExecutor, make_schedule
-    from .checkpoint import load_stage_state, save_stage_state
+    from .checkpoint import save_stage_state
 
     device_kind = cfg.resolved_device()
     if device_kind == "cpu":
@@ -176,44 +243,43 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", torch.cuda.current_device())
+    data = batch_source(cfg.model, _build_model(cfg))
+    # auto places its P2 by measured costs; carried P2 is sized by them too
+    wants_costs = any(v.twobp and (v.schedule == "auto" or cfg.overlap_steps) for v in cfg.variants)
+    costs = _probe_costs(cfg, world, device, data) if wants_costs else None
+    runs = [_Run(cfg, v, world, device, costs if v.twobp else None) for v in cfg.variants]
+    n = len(runs)
+    for step in range(cfg.steps):
+        x, y = data.batch(step, cfg.batch_size, seed=cfg.seed)
+        x, y = x.to(device), y.to(device)
+        # alternate: one step of every variant per round, the order rotated each round,
+        # so a drift in machine speed hits every variant alike
+        order = runs[step % n:] + runs[:step % n]
+        for run in order:
+            wall = run.step(x, y, measure=(step == cfg.steps - 1))
+            if step >= cfg.warmup:
+                run.seconds.append(wall)
+        if rank == 0 and not cfg.quiet:
+            what = "warm-up" if step < cfg.warmup else "       "
+            print(f"  step {step + 1:>3}/{cfg.steps} {what}  " + "   ".join(
+                f"[{r.variant.label}] loss {r.losses[-1]:.4f}"
+                + (f" {r.seconds[-1] * 1e3:,.0f} ms" if step >= cfg.warmup else "") for r in runs), flush=True)
     results = []
-    measured_costs = None
-    for variant in cfg.variants:
-        model = _build_model(cfg)
-        data = _data_source(cfg, model)
-        items, unit = _items_per_step(cfg, model)
-        costs = measured_costs if variant.schedule in ("auto", "zb-h1") else None
-        sched = make_schedule(variant.schedule, stages=world, microbatches=cfg.microbatches,
-                              twobp=variant.twobp, chunks=cfg.chunks, costs=costs)
-        ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, device=device, timeout=cfg.timeout)
-        if cfg.resume:
-            load_stage_state(ex, cfg.resume)
-        opt = torch.optim.AdamW(list(ex.parameters()), lr=cfg.lr)
-        losses, seconds, last = [], [], None
-        for step in range(cfg.steps):
-            x, y = data.batch(step, cfg.batch_size, seed=cfg.seed)
-            t0 = time.perf_counter()
-            last = ex.step(x.to(device), y.to(device), optimizer=opt, measure=(step == cfg.steps - 1))
-            seconds.append(time.perf_counter() - t0)
-            losses.append(last.loss)
-            if rank == 0 and not cfg.quiet:
-                rate = items / seconds[-1]
-                print(f"  [{variant.label:<22}] step {step + 1:>3}/{cfg.steps}  loss {last.loss:.4f}  "
-                      f"{rate:,.0f} {unit}/s", flush=True)
-        peaks = [0] * world
+    for run in runs:
+        run.ex.flush()  # carried P2 and optimizer steps: the weights are final from here on
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (last.peak_store_bytes, last.store_empty))
+        dist.all_gather_object(gathered, (run.last.peak_store_bytes, run.last.store_empty))
         peaks = [g[0] for g in gathered]
         empty = all(g[1] for g in gathered)
-        if cfg.checkpoint and variant == cfg.variants[-1]:
-            save_stage_state(ex, cfg.checkpoint)
-        if last.costs is not None and variant.twobp:
-            measured_costs = last.costs
-        results.append(dict(schedule=variant.schedule, twobp=variant.twobp, losses=losses,
-                            step_seconds=seconds[cfg.warmup:], items_per_step=items, unit=unit,
+        if cfg.checkpoint and run is runs[-1]:
+            save_stage_state(run.ex, cfg.checkpoint)
+        last = run.last
+        results.append(dict(schedule=run.variant.schedule, twobp=run.variant.twobp, losses=run.losses,
+                            step_seconds=run.seconds, items_per_step=run.items, unit=run.unit,
                             bubble_fraction=last.timeline.bubble_fraction() if last.timeline else math.nan,
-                            peak_bytes=peaks, store_empty=empty, timeline=last.timeline, costs=last.costs))
-        del ex, opt, model
+                            peak_bytes=peaks, store_empty=empty, timeline=last.timeline, costs=last.costs,
+                            carry=list(run.schedule.carry)))
+    del runs
     return results if rank == 0 else None
 
 
@@ -233,20 +299,31 @@ def run_job(cfg: JobConfig) -> list[VariantResult]:
     backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
     env = {"OMP_NUM_THREADS": str(cfg.threads)} if backend == "gloo" else {}
     per_rank = spawn(_worker, world_size=cfg.stages, args=(cfg,), backend=backend, timeout=cfg.timeout,
-                     join_timeout=cfg.timeout * 2 + 60 + 30 * cfg.steps * len(cfg.variants), env=env)
+                     join_timeout=cfg.timeout * 2 + 60 + 30 * (cfg.steps + 2) * len(cfg.variants), env=env)
     return [VariantResult(**r) for r in per_rank[0]]
 
 
 # ---- reporting ------------------------------------------------------------------------
 def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> str:
-    """Markdown table, one row per variant, ratios against ``results[baseline]``."""
+    """Markdown table, one row per variant. The speedup over ``results[baseline]`` is the
+    median over rounds of the paired step-time ratio (variants alternate step by step), with
+    its interquartile range; when that range holds 1.00 the difference is within noise."""
     base = results[baseline]
     unit = base.unit
-    rows = [f"| schedule | 2BP | {unit}/s | vs {base.label} | bubble | peak saved bytes per stage | "
-            "final loss |", "|---|---|---:|---:|---:|---|---:|"]
+    rows = [f"| schedule | 2BP | carry | {unit}/s | vs {base.label} (median of paired steps) | IQR | verdict | "
+            "bubble (last step) | peak saved bytes per stage | final loss |",
+            "|---|---|---|---:|---:|---|---|---:|---|---:|"]
     for r in results:
-        rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {r.throughput:,.0f} | "
-                    f"{r.throughput / base.throughput:.2f}x | {r.bubble_fraction:.1%} | "
+        med, q1, q3 = r.speedup_over(base)
+        if r is base:
+            verdict = "baseline"
+        elif q1 <= 1.0 <= q3:
+            verdict = "within noise"
+        else:
+            verdict = "faster" if med > 1 else "slower"
+        carry = ",".join(map(str, r.carry)) if r.carry else "-"
+        rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f} | "
+                    f"{med:.3f}x | {q1:.3f}-{q3:.3f} | {verdict} | {r.bubble_fraction:.1%} | "
                     f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
     return "\n".join(rows)
 
@@ -268,6 +345,9 @@ def results_to_json(results: Sequence[VariantResult], cfg: JobConfig, machine: s
             "variants": [dataclasses.asdict(v) for v in cfg.variants]},
         "machine": machine,
         "rows": [{"schedule": r.schedule, "twobp": r.twobp, f"{r.unit}_per_s": r.throughput,
+                  "speedup_vs_first": r.speedup_over(results[0])[0],
+                  "speedup_iqr": list(r.speedup_over(results[0])[1:]), "carry": r.carry,
+                  "step_seconds": r.step_seconds,
                   "bubble_fraction": r.bubble_fraction, "peak_bytes": max(r.peak_bytes),
                   "peak_bytes_per_stage": r.peak_bytes, "loss": r.loss, "losses": r.losses,
                   "store_empty": r.store_empty} for r in results],
@@ -311,7 +391,7 @@ def _stacked_png(results: Sequence[VariantResult], path: Path) -> Path | None:
             ax.broken_barh([(0, tl.makespan)], (k - 0.4, 0.8), facecolors="#EEEEEE")
         for e in tl.events:
             if e.kind in KIND_COLORS:
-                h = 0.8 if e.kind in ("F", "B", "P1", "P2") else 0.25  # thin: waiting on a peer
+                h = 0.8 if e.kind in ("F", "B", "P1", "P2", "optim") else 0.25  # thin: waiting on a peer
                 ax.broken_barh([(e.start, e.duration)], (e.rank - h / 2, h),
                                facecolors=KIND_COLORS[e.kind], edgecolors="white", linewidth=0.4)
         ax.set_yticks(range(tl.ranks), [f"rank {k}" for k in range(tl.ranks)])
