@@ -1,32 +1,27 @@
-"""twobp's schedules next to torch.distributed.pipelining's, same model, data and machine, one run.
+"""twobp against torch.distributed.pipelining on the same model, data and machine, in one run.
 
-Rows:
+For each model and micro-batch count given, one process group of ``--stages`` gloo ranks
+(one thread each) runs every contender of :mod:`twobp.benchmarks.pipeline_compare`,
+alternating step by step:
 
-* ours: 1F1B, 1F1B with 2BP, and ``auto`` with 2BP (placement fed the costs measured by the
-  2BP run), through :func:`twobp.train.run_job`;
-* torch: ``Schedule1F1B`` (one stage per rank) and ``ScheduleInterleavedZeroBubble`` (two
-  stages per rank, looped placement: virtual stage ``s`` on rank ``s % ranks``), on the
-  same blocks cut by the same rule (:func:`twobp.pipeline.partition.balance`, by count).
+* twobp: 1F1B, 1F1B + 2BP, ZB-H1 + 2BP and auto + 2BP on the twobp modules (2BP schedules
+  carry trailing P2 into the next step where the measured costs say so);
+* torch: Schedule1F1B, ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble on the same
+  model with torch's own modules (``twobp.revert``: nn.Linear, nn.RMSNorm / nn.LayerNorm,
+  SDPA, nn.Conv2d; the same weights).
 
-Every variant starts from the weights made by ``torch.manual_seed(seed)`` and sees the batches
-``ByteCorpus(...).batch(step, batch_size, seed=seed)``, with AdamW at the same lr, so the
-loss curves must agree step by step (same math, different order). torch reports each
-micro-batch's mean loss and scales gradients by 1/microbatches; their average is the
-full-batch mean loss we report.
+It writes a markdown report (``--out``): per configuration the throughput table (paired
+ratios against torch's Schedule1F1B and against torch's best, with their range), the peak
+saved-activation bytes per rank, the per-step losses check, and where each contender's time
+goes per rank; and, with ``--json``, one row per (configuration, implementation, schedule).
 
-Throughput = tokens per step / median step time (rank 0's wall time of one optimizer step,
-after ``--warmup`` steps). Memory: ours is the activation store's peak bytes per rank
-(``StepResult.peak_store_bytes``: what p1/p2 keep between forward and backward). For torch
-on CUDA we report ``torch.cuda.max_memory_allocated`` growth during a step (everything: it
-includes gradients and optimizer state, so it is NOT the same measure); on CPU there is no
-honest per-tensor peak to read, so the table says n/a.
-
-    python bench/compare_torch_pipelining.py --steps 12 --microbatches 4 --batch-size 8
+    python bench/compare_torch_pipelining.py --model llama --preset small --microbatches 4,8
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -35,9 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from twobp.benchmarks.pipeline_compare import (DEFAULT_OURS, DEFAULT_TORCH, CompareConfig, ContenderResult,
+                                               losses_agree, paired_ratio, run_compare)
+from twobp.store import format_bytes
 
-SCHEDULES_TORCH = ("Schedule1F1B", "ScheduleInterleavedZeroBubble")
+DEFAULTS = {  # model -> (preset, global batch): compute-bound at one CPU thread per rank
+    "llama": ("small", 8),
+    "bert": ("cpu", 8),
+    "resnet": ("cpu", 32),
+}
 
 
 def cpu_model() -> str:
@@ -50,210 +51,214 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# ---- torch.distributed.pipelining worker (module level: spawn pickles it) ---------------
-def _torch_worker(rank: int, world: int, schedule_name: str, args: argparse.Namespace) -> dict:
-    import torch.distributed as dist
-    from torch import nn
-    from torch.distributed import pipelining as tp
+def _unit(model: str) -> str:
+    return "samples" if model == "resnet" else "tokens"
 
+
+def _items(cfg: CompareConfig) -> int:
     from twobp import models
-    from twobp.data import ByteCorpus
-    from twobp.pipeline.partition import balance
 
-    torch.set_num_threads(1)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    torch.manual_seed(args.seed)
-    model = models.build("llama", args.preset, tie_embeddings=False).to(device)
-    blocks = model.blocks()
-    per_rank = 2 if schedule_name == "ScheduleInterleavedZeroBubble" else 1
-    n_stages = world * per_rank
-    part = balance(len(blocks), n_stages)
-    my_stages = [s for s in range(n_stages) if s % world == rank]  # looped placement, as torch's
-    stages = [tp.PipelineStage(nn.Sequential(*(blocks[i] for i in part.blocks_of(s))), s, n_stages, device)
-              for s in my_stages]
-    loss_fn = model.loss_fn
-    if per_rank == 1:
-        sched = tp.Schedule1F1B(stages[0], args.microbatches, loss_fn=loss_fn)
-    else:
-        sched = tp.ScheduleInterleavedZeroBubble(stages, args.microbatches, loss_fn=loss_fn)
-    params = [p for st in stages for p in st.submod.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    data = ByteCorpus(seq_len=model.config.seq_len + 1)
-    has_first = 0 in my_stages
-    has_last = n_stages - 1 in my_stages
-    losses, seconds, peaks = [], [], []
-    for step in range(args.steps):
-        x, y = data.batch(step, args.batch_size, seed=args.seed)
-        x, y = x.to(device), y.to(device)
-        mb_losses: list = []
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        kwargs = {}
-        if has_last:
-            kwargs.update(target=y, losses=mb_losses)
-        if has_first:
-            sched.step(x, **kwargs)
-        else:
-            sched.step(**kwargs)
-        opt.step()
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peaks.append(torch.cuda.max_memory_allocated() - base)
-        seconds.append(time.perf_counter() - t0)
-        if has_last:
-            losses.append(float(torch.stack([l.detach().float() for l in mb_losses]).mean()))
-    dist.barrier()
-    return dict(losses=losses if has_last else None, step_seconds=seconds[args.warmup:],
-                peak_bytes=max(peaks) if peaks else None)
+    if cfg.model == "resnet":
+        return cfg.batch_size
+    return cfg.batch_size * models.config(cfg.model, cfg.preset).seq_len
 
 
-def run_torch(schedule_name: str, args: argparse.Namespace) -> dict:
-    """One torch schedule in its own spawn call; the exact error instead of a row on failure."""
-    from twobp.pipeline.launch import WorkerError, spawn
-
-    backend = "nccl" if args.device == "cuda" else "gloo"
-    try:
-        per_rank = spawn(_torch_worker, world_size=args.stages, args=(schedule_name, args), backend=backend,
-                         timeout=args.timeout, join_timeout=args.timeout * 2 + 60 + 30 * args.steps,
-                         env={"OMP_NUM_THREADS": "1"})
-    except WorkerError as e:
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        # The exception line: the last "SomethingError: ..." line of the worker's traceback.
-        err = next((l for l in reversed(lines) if "Error" in l.split(":")[0]), lines[-1] if lines else str(e))
-        print(f"  [{schedule_name}] FAILED: {e}", file=sys.stderr, flush=True)
-        return dict(error=f"rank {e.rank}: {err}")
-    losses = next(r["losses"] for r in per_rank if r["losses"] is not None)
-    return dict(losses=losses, step_seconds=per_rank[0]["step_seconds"],
-                peak_bytes=[r["peak_bytes"] for r in per_rank])
-
-
-# ---- report ---------------------------------------------------------------------------
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def build_table(rows: list[dict], tokens_per_step: int) -> tuple[str, list[str]]:
-    base = rows[0]
-    base_tput = tokens_per_step / statistics.median(base["step_seconds"])
-    # Without 2BP nothing passes through the store (autograd keeps the activations), so the
-    # store-peak ratio is taken against our 1F1B +2BP, the first row that fills the store.
-    mem_base = next((r for r in rows if r["impl"] == "twobp" and max(r["peak_bytes"]) > 0), base)
-    base_peak = max(mem_base["peak_bytes"])
-    out = ["| implementation | schedule | tokens/s | vs our 1F1B | median step | peak memory per rank "
-           "(measure) | peak vs our 1F1B +2BP | final loss | max rel. loss gap vs our 1F1B |",
-           "|---|---|---:|---:|---:|---|---:|---:|---:|"]
-    notes = []
-    for r in rows:
-        if "error" in r:
-            err = r["error"].replace("|", "\\|")
-            out.append(f"| {r['impl']} | {r['name']} | failed | | | | | | `{err}` |")
+def throughput_table(cfg: CompareConfig, results: list[ContenderResult]) -> tuple[str, dict]:
+    """The markdown table and the headline ratios of one configuration."""
+    ok = [r for r in results if r.error is None]
+    ref = next((r for r in ok if r.contender.label == "torch Schedule1F1B"), None)
+    torch_rows = [r for r in ok if r.contender.implementation == "torch" and r.contender.modules == "torch"]
+    best_torch = min(torch_rows, key=lambda r: r.median_step) if torch_rows else None
+    ours_2bp = [r for r in ok if r.contender.twobp]
+    best_ours = min(ours_2bp, key=lambda r: r.median_step) if ours_2bp else None
+    unit = _unit(cfg.model)
+    items = _items(cfg)
+    lines = [f"| implementation | schedule | carry | {unit}/s | median step | vs torch Schedule1F1B (paired: median "
+             f"[min, max]) | vs torch's best ({best_torch.contender.schedule if best_torch else '-'}) | "
+             "peak saved activations per rank | final loss |",
+             "|---|---|---|---:|---:|---|---|---|---:|"]
+    for r in results:
+        c = r.contender
+        name = c.schedule if c.implementation == "torch" else (c.base_schedule + (" +2BP" if c.twobp else ""))
+        if c.implementation == "torch" and c.modules == "twobp":
+            name += " (twobp modules)"
+        if r.error is not None:
+            lines.append(f"| {c.implementation} | {name} | | failed | | `{r.error[:120]}` | | | |")
             continue
-        med = statistics.median(r["step_seconds"])
-        tput = tokens_per_step / med
-        gap = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(base["losses"], r["losses"]))
-        if r["impl"] == "twobp":
-            mem = " / ".join(_fmt_bytes(b) for b in r["peak_bytes"]) + " (activation store)"
-            if not max(r["peak_bytes"]):
-                mem += ": unused without 2BP, autograd's saved tensors are not counted"
-            mem_ratio = f"{max(r['peak_bytes']) / base_peak:.2f}x" if base_peak and max(r["peak_bytes"]) else "n/a"
-        elif all(b is not None for b in r["peak_bytes"]):
-            mem = " / ".join(_fmt_bytes(b) for b in r["peak_bytes"]) + " (CUDA allocated growth, all tensors)"
-            mem_ratio = "not comparable"
+        vs_ref = "{:.3f}x [{:.3f}, {:.3f}]".format(*paired_ratio(r, ref)) if ref else "-"
+        vs_best = "{:.3f}x".format(paired_ratio(r, best_torch)[0]) if best_torch else "-"
+        mem = " / ".join(format_bytes(b) for b in r.peak_saved_bytes) if r.peak_saved_bytes else "-"
+        carry = ",".join(map(str, r.extra.get("carry") or [])) or "-"
+        lines.append(f"| {c.implementation} | {name} | {carry} | {items / r.median_step:,.0f} | "
+                     f"{r.median_step * 1e3:,.0f} ms | {vs_ref} | {vs_best} | {mem} | {r.losses[-1]:.5f} |")
+    head = {}
+    if best_ours and best_torch:
+        head = dict(best_ours=best_ours.contender.label, best_torch=best_torch.contender.label,
+                    best_ours_vs_best_torch=paired_ratio(best_ours, best_torch)[0],
+                    best_ours_peak=max(best_ours.peak_saved_bytes or [0]))
+        zb = [r for r in torch_rows if "ZeroBubble" in r.contender.schedule and r.peak_saved_bytes]
+        if zb:
+            head["torch_zb_min_peak"] = min(max(r.peak_saved_bytes) for r in zb)
+    ours_plain = next((r for r in ok if r.contender.label == "twobp 1f1b"), None)
+    if ours_plain and ref:
+        head["ours_1f1b_vs_torch_1f1b"] = paired_ratio(ours_plain, ref)[0]
+    return "\n".join(lines), head
+
+
+def breakdown_table(results: list[ContenderResult]) -> str:
+    """Median ms per kind per rank: where each contender's step goes."""
+    kinds = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
+    lines = ["| contender | rank | wall | " + " | ".join(kinds) + " |",
+             "|---|---:|---:|" + "---:|" * len(kinds)]
+    for r in results:
+        if r.error is not None:
+            continue
+        for rank, bd in enumerate(r.breakdown):
+            lines.append(f"| {r.contender.label} | {rank} | {bd['wall'] * 1e3:,.0f} | "
+                         + " | ".join(f"{bd.get(k, 0.0) * 1e3:,.0f}" if bd.get(k) else "" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def json_rows(cfg: CompareConfig, results: list[ContenderResult]) -> list[dict]:
+    unit = _unit(cfg.model)
+    items = _items(cfg)
+    ref = next((r for r in results if r.error is None and r.contender.label == "torch Schedule1F1B"), None)
+    rows = []
+    for r in results:
+        c = r.contender
+        row = dict(model=cfg.model, preset=cfg.preset, microbatches=cfg.microbatches, batch_size=cfg.batch_size,
+                   stages=cfg.stages, implementation=c.implementation,
+                   schedule=c.schedule if c.implementation == "torch" else c.base_schedule, twobp=c.twobp,
+                   modules=c.modules)
+        if r.error is not None:
+            row["error"] = r.error
         else:
-            mem, mem_ratio = "n/a on CPU", "n/a"
-        out.append(f"| {r['impl']} | {r['name']} | {tput:,.0f} | {tput / base_tput:.2f}x | {med * 1e3:.1f} ms | "
-                   f"{mem} | {mem_ratio} | {r['losses'][-1]:.5f} | {gap:.1e} |")
-        if len(r["losses"]) != len(base["losses"]):
-            notes.append(f"{r['name']}: {len(r['losses'])} losses vs {len(base['losses'])}")
-    return "\n".join(out), notes
+            row.update({f"{unit}_per_s": items / r.median_step, "median_step_s": r.median_step,
+                        "step_seconds": r.step_seconds, "peak_saved_bytes": r.peak_saved_bytes,
+                        "loss": r.losses[-1], "losses": r.losses, "carry": r.extra.get("carry"),
+                        "breakdown_s": r.breakdown,
+                        "vs_torch_1f1b": paired_ratio(r, ref)[0] if ref else None})
+        rows.append(row)
+    return rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="llama size preset (twobp.models.presets('llama'))")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
-    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (all variants)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: gloo, 1 thread per rank; cuda: NCCL, one GPU per rank")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a silent peer")
+                                epilog="examples:\n"
+                                       "  python bench/compare_torch_pipelining.py --model llama --microbatches 4,8\n"
+                                       "  python bench/compare_torch_pipelining.py --model bert --rounds 4 --json r.json",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama", help="comma list of llama, bert, resnet (default llama)")
+    p.add_argument("--preset", default=None, help="size preset (default per model: " + ", ".join(
+        f"{m} {d[0]}" for m, d in DEFAULTS.items()) + ")")
+    p.add_argument("--microbatches", default="4", help="comma list of micro-batch counts, e.g. 4,8")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences/images per step (default per model: "
+                   + ", ".join(f"{m} {d[1]}" for m, d in DEFAULTS.items()) + ")")
+    p.add_argument("--stages", type=int, default=2, help="pipeline ranks (default 2)")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds, one step of every contender each")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--ours", default=",".join(DEFAULT_OURS), help="twobp schedules (suffix -2bp: split)")
+    p.add_argument("--torch", default=",".join(DEFAULT_TORCH), help="torch.distributed.pipelining schedules")
+    p.add_argument("--torch-with-twobp-modules", action="store_true",
+                   help="also run torch's Schedule1F1B on the twobp modules (the runtimes alone compared)")
+    p.add_argument("--no-overlap-steps", action="store_true", help="twobp: never carry P2 into the next step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (all contenders)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a silent peer")
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative loss gap counted as equal")
-    p.add_argument("--out", default="bench/results/compare_torch_pipelining.md", help="markdown table path")
-    args = p.parse_args(argv)
-    args.stages = 2
-    if args.warmup >= args.steps:
-        p.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
-    if args.batch_size % args.microbatches:
-        p.error(f"--batch-size {args.batch_size} must be a multiple of --microbatches {args.microbatches} "
-                "(torch splits the batch into equal micro-batches)")
-    return args
+    p.add_argument("--out", default="bench/results/compare_torch_pipelining.md", help="markdown report path")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write one JSON row per contender here")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from twobp import models
-    from twobp.train import JobConfig, Variant, run_job
-
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    seq_len = models.config("llama", args.preset).seq_len
-    tokens_per_step = args.batch_size * seq_len
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    for m in models:
+        if m not in DEFAULTS:
+            raise SystemExit(f"--model: unknown {m!r}; choose from {', '.join(DEFAULTS)}")
+    try:
+        mbs = [int(x) for x in args.microbatches.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--microbatches must be a comma list of ints, got {args.microbatches!r}") from None
+    out = Path(args.out)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for model in models:
+        preset = args.preset or DEFAULTS[model][0]
+        for m in mbs:
+            try:
+                configs.append(CompareConfig(
+                    model=model, preset=preset, stages=args.stages, microbatches=m,
+                    batch_size=args.batch_size or DEFAULTS[model][1], rounds=args.rounds, warmup=args.warmup,
+                    lr=args.lr, seed=args.seed, timeout=args.timeout,
+                    ours=tuple(s for s in args.ours.split(",") if s),
+                    torch_schedules=tuple(s for s in args.torch.split(",") if s),
+                    torch_with_twobp_modules=args.torch_with_twobp_modules,
+                    overlap_steps=not args.no_overlap_steps))
+            except ValueError as e:
+                raise SystemExit(f"compare_torch_pipelining: {e}") from None
+    import torch
 
-    t_start = time.perf_counter()
-    cfg = JobConfig(model="llama", preset=args.preset, stages=args.stages, microbatches=args.microbatches,
-                    batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed,
-                    device=args.device, threads=1, timeout=args.timeout, out=None,
-                    variants=(Variant("1f1b", False), Variant("1f1b", True), Variant("auto", True)))
-    print(f"twobp: {', '.join(v.label for v in cfg.variants)}", flush=True)
-    rows = [dict(impl="twobp", name=r.label, losses=r.losses, step_seconds=r.step_seconds,
-                 peak_bytes=r.peak_bytes) for r in run_job(cfg)]
-    for name in SCHEDULES_TORCH:
-        print(f"torch.distributed.pipelining: {name}", flush=True)
-        label = name + (" (2 stages/rank)" if "Interleaved" in name else "")
-        rows.append(dict(impl="torch", name=label, **run_torch(name, args)))
-
-    table, notes = build_table(rows, tokens_per_step)
-    ok = [r for r in rows if "error" not in r]
-    worst = max(abs(a - b) / max(abs(a), 1e-12) for r in ok for a, b in zip(ok[0]["losses"], r["losses"]))
-    machine = cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()
+    sections, rows, heads, ok = [], [], [], True
+    t_all = time.perf_counter()
+    for i, cfg in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] {cfg.model}/{cfg.preset}, m={cfg.microbatches}, batch {cfg.batch_size}: "
+              f"{len(cfg.contenders())} contenders x {cfg.rounds} rounds", flush=True)
+        t0 = time.perf_counter()
+        results = run_compare(cfg)
+        gap = losses_agree(results)
+        ok &= gap <= args.rtol
+        table, head = throughput_table(cfg, results)
+        heads.append((cfg, head))
+        rows += json_rows(cfg, results)
+        costs = next((r.extra.get("costs") for r in results if r.extra.get("costs")), None)
+        sections += [f"## {cfg.model}/{cfg.preset}, m = {cfg.microbatches}, batch {cfg.batch_size}", "",
+                     f"Losses: largest relative gap of any contender's per-step loss vs the first = {gap:.1e} "
+                     f"({'equal' if gap <= args.rtol else 'NOT equal'} at rtol {args.rtol:g}). "
+                     f"Run time {time.perf_counter() - t0:.0f} s.", "", table, "",
+                     "Where the time goes (median ms per step per rank; wait = receives and waits on peers, "
+                     "other = the runtime's own overhead):", "", breakdown_table(results), ""]
+        if costs:
+            sections += [f"Per-stage costs twobp measured for auto and carry (s per micro-batch): "
+                         f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]
+        print(table, flush=True)
+    summary = ["| model | m | best twobp | best torch | best twobp vs best torch | twobp 1F1B vs torch 1F1B | "
+               "peak saved (best twobp, max rank) | smallest peak of torch's ZB schedules |",
+               "|---|---:|---|---|---:|---:|---|---|"]
+    for cfg, h in heads:
+        summary.append(f"| {cfg.model}/{cfg.preset} | {cfg.microbatches} | {h.get('best_ours', '-')} | "
+                       f"{h.get('best_torch', '-')} | {h.get('best_ours_vs_best_torch', float('nan')):.3f}x | "
+                       f"{h.get('ours_1f1b_vs_torch_1f1b', float('nan')):.3f}x | "
+                       f"{format_bytes(h['best_ours_peak']) if 'best_ours_peak' in h else '-'} | "
+                       f"{format_bytes(h['torch_zb_min_peak']) if 'torch_zb_min_peak' in h else '-'} |")
     text = "\n".join([
         "# twobp vs torch.distributed.pipelining",
         "",
-        f"- machine: {machine} ({os.cpu_count()} logical CPUs visible, shared); {args.stages} ranks, "
-        + ("gloo, 1 CPU thread per rank" if args.device == "cpu" else "NCCL, one GPU per rank"),
+        f"- machine: {cpu_model()} ({os.cpu_count()} logical CPUs), {args.stages} gloo ranks with 1 thread each; "
+        f"torch {torch.__version__}",
         f"- command: `{command}`",
-        f"- model: llama/{args.preset} (seq_len {seq_len}), batch {args.batch_size} in {args.microbatches} "
-        f"micro-batches, {args.steps} AdamW steps (lr {args.lr}), seed {args.seed}; step time = median over "
-        f"steps {args.warmup + 1}..{args.steps} (rank 0's wall time incl. optimizer step); torch {torch.__version__}",
-        f"- losses: largest relative gap of any variant's per-step loss vs our 1F1B = {worst:.1e} "
-        f"({'equal' if worst <= args.rtol else 'NOT equal'} at rtol {args.rtol:g})",
-        "- memory: ours = peak bytes of saved activations in the twobp store per rank (only 2BP runs use the "
-        "store, so plain 1F1B shows 0 and the ratio is taken vs our 1F1B +2BP); torch on CPU has no "
-        "allocator statistics, so no figure is given rather than an invented one",
-        *(f"- note: {n}" for n in notes),
+        f"- method: all contenders in the same processes, alternating step by step ({args.rounds} timed rounds "
+        f"after {args.warmup} warm-up, order rotated per round); step = rank 0's wall time between barriers "
+        "around schedule + optimizer step; ratios are medians of per-round ratios. Memory: peak bytes of "
+        "saved activations per rank (autograd's saved tensors + the twobp store, storages once), one extra step.",
+        f"- whole run: {time.perf_counter() - t_all:.0f} s",
         "",
-        table,
+        "## Summary",
         "",
-        f"(whole run: {time.perf_counter() - t_start:.0f} s)",
+        *summary,
         "",
+        *sections,
     ])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(text)
-    print(f"wrote {out}")
-    return 0 if worst <= args.rtol else 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(summary))
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

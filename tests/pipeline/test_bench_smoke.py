@@ -19,3 +19,30 @@ def test_pipeline_cpu_bench_runs(tmp_path):
     text = out.read_text()
     for name in ("| 1f1b |", "| 1f1b-2bp |", "| zb-h1-2bp |", "| auto-2bp |", "machine:"):
         assert name in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
+    """Every contender of both runtimes runs on the tiny llama, the losses agree, and the
+    JSON has one row per (implementation, schedule) with the fields the report promises."""
+    import json
+
+    import compare_torch_pipelining as bench
+
+    out, js = tmp_path / "r.md", tmp_path / "r.json"
+    assert bench.main(["--model", "llama", "--preset", "tiny", "--microbatches", "4", "--batch-size", "8",
+                       "--rounds", "2", "--warmup", "1", "--out", str(out), "--json", str(js),
+                       "--timeout", "60"]) == 0
+    rows = json.loads(js.read_text())
+    got = {(r["implementation"], r["schedule"], r["twobp"]) for r in rows}
+    assert got == {("twobp", "1f1b", False), ("twobp", "1f1b", True), ("twobp", "zb-h1", True),
+                   ("twobp", "auto", True), ("torch", "Schedule1F1B", False),
+                   ("torch", "ScheduleInterleavedZeroBubble", False), ("torch", "ScheduleZBVZeroBubble", False)}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and len(r["peak_saved_bytes"]) == 2 and min(r["peak_saved_bytes"]) > 0
+        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
+        assert set(r["breakdown_s"][0]) >= {"wall", "F", "wait", "other"}
+    text = out.read_text()
+    assert "## Summary" in text and "Where the time goes" in text and "machine:" in text

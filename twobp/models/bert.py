@@ -85,6 +85,9 @@ PRESETS: dict[str, dict] = {
     # BERT-small of Turc et al. 2019 (L=4, H=512)
     "small": dict(vocab_size=30522, dim=512, n_layers=4, n_heads=8, ffn_dim=2048, seq_len=512,
                   mask_token_id=103),
+    # CPU pipeline benchmarks (bench/compare_torch_pipelining.py): 33 M parameters, compute-bound
+    # at one thread per rank, a head no heavier than two layers so two stages balance
+    "cpu": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, ffn_dim=2048, seq_len=256, mask_token_id=103),
     "base": dict(vocab_size=30522, dim=768, n_layers=12, n_heads=12, ffn_dim=3072, seq_len=512,
                  mask_token_id=103),
     # BERT-large, the 2BP paper's size

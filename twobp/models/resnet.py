@@ -80,6 +80,8 @@ PRESETS: dict[str, dict] = {
     # CPU demo: 32x32 images, 10 classes, 0.13 M parameters
     "tiny": dict(layers=(1, 1, 1, 1), width=8, num_classes=10, image_size=32, stem="cifar"),
     "small": dict(layers=(2, 2, 2, 2), width=16, num_classes=100, image_size=64, stem="cifar"),
+    # CPU pipeline benchmarks (bench/compare_torch_pipelining.py): 3.5 M parameters, 64x64 images
+    "cpu": dict(layers=(2, 2, 2, 2), width=32, num_classes=100, image_size=64, stem="cifar"),
     "50": dict(layers=(3, 4, 6, 3), width=64, num_classes=1000, image_size=224, stem="imagenet"),
     "101": dict(layers=(3, 4, 23, 3), width=64, num_classes=1000, image_size=224, stem="imagenet"),
     # ResNet-152, the 2BP paper's size

@@ -1,0 +1,434 @@
+"""twobp's pipeline schedules next to torch.distributed.pipelining's: one model, one run.
+
+Contenders (:class:`Contender`):
+
+* **twobp**: :class:`~twobp.pipeline.PipelineExecutor` on the model's twobp modules, with
+  any :func:`~twobp.pipeline.make_schedule` name, with or without 2BP. ``auto`` places
+  its P2 by the F / P1 / P2 costs measured in a warm-up step of ``1f1b`` with 2BP.
+* **torch**: ``torch.distributed.pipelining`` on the *same model with torch's own modules*
+  (:func:`twobp.revert`: nn.Linear, nn.RMSNorm / nn.LayerNorm, SDPA attention, nn.Conv2d,
+  the same Parameters): what a torch user would run instead. ``Schedule1F1B`` (one stage
+  per rank), ``ScheduleInterleavedZeroBubble`` (two stages per rank, looped) and
+  ``ScheduleZBVZeroBubble`` (two per rank, V-shaped). Optionally also torch's runtime on
+  the twobp modules (``modules="twobp"``).
+
+Every contender starts from the weights of ``torch.manual_seed(seed)`` and sees batch k
+at its step k, with AdamW at the same learning rate, so per-step losses must agree.
+
+**Alternating rounds.** Machine speed drifts (other tenants, clocks), so contenders are not
+run one after the other: each round runs one step of every contender, in an order rotated
+each round, all in the same processes. A step's time is rank 0's wall time between two
+barriers around ``schedule step + optimizer step``. Throughput uses the median step; the
+ratio to a reference is the median of the per-round ratios (paired), shown with its range.
+
+**Where the time goes** (every timed step, every rank, no extra collective): compute per
+action kind (F, B = fused backward or torch's input-gradient step I, P1, P2 or torch's W),
+``wait`` (receives and waits on peers: idle plus transfer), ``send`` (posting sends),
+``optim`` (optimizer step) and ``other`` = wall − all of those (the runtime's own Python,
+barriers, allocation).
+
+**Memory**, the same measure for both runtimes: peak bytes of saved activations per rank
+(:class:`~twobp.benchmarks.saved_memory.SavedActivationMeter`: what autograd saves plus
+what the twobp store holds, storages counted once), in one extra untimed step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
+
+DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-2bp")
+DEFAULT_TORCH = ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble")
+TORCH_SCHEDULES = DEFAULT_TORCH
+_KINDS = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One runtime x schedule. ``schedule``: ours, a make_schedule name with ``-2bp`` for
+    the split (``1f1b-2bp``); torch, a schedule class name. ``modules``: the torch runtime's
+    model, ``torch`` (reverted) or ``twobp``."""
+
+    implementation: str
+    schedule: str
+    modules: str = "torch"
+
+    @property
+    def twobp(self) -> bool:
+        return self.implementation == "twobp" and self.schedule.endswith("-2bp")
+
+    @property
+    def base_schedule(self) -> str:
+        return self.schedule[:-4] if self.schedule.endswith("-2bp") else self.schedule
+
+    @property
+    def label(self) -> str:
+        if self.implementation == "twobp":
+            return f"twobp {self.base_schedule}{' +2BP' if self.twobp else ''}"
+        return f"torch {self.schedule}{' (twobp modules)' if self.modules == 'twobp' else ''}"
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    """One comparison run; every field is a flag of ``bench/compare_torch_pipelining.py``."""
+
+    model: str = "llama"
+    """Model family: llama, bert or resnet."""
+    preset: str = "small"
+    """Size preset of the family (twobp.models.presets)."""
+    stages: int = 2
+    """Pipeline ranks."""
+    microbatches: int = 4
+    """Micro-batches per step."""
+    batch_size: int = 8
+    """Sequences (images) per step; a multiple of microbatches (torch splits evenly)."""
+    rounds: int = 6
+    """Timed rounds (one step of every contender each)."""
+    warmup: int = 2
+    """Untimed rounds first (allocator, caches); >= 1, auto's costs come from the last."""
+    lr: float = 1e-3
+    """AdamW learning rate, all contenders."""
+    seed: int = 0
+    """Seed of the weights and the data."""
+    threads: int = 1
+    """torch threads per rank (1: a bubble is real idle time on a CPU)."""
+    timeout: float = 300.0
+    """Seconds a rank waits for a silent peer."""
+    ours: tuple[str, ...] = DEFAULT_OURS
+    """twobp schedules (make_schedule names; suffix -2bp for the split)."""
+    torch_schedules: tuple[str, ...] = DEFAULT_TORCH
+    """torch.distributed.pipelining schedule classes."""
+    torch_with_twobp_modules: bool = False
+    """Also run torch's Schedule1F1B on the twobp modules (the runtime alone compared)."""
+    measure_memory: bool = True
+    """One extra untimed step per contender with the saved-activation meter on."""
+    overlap_steps: bool = True
+    """twobp's 2BP schedules carry trailing P2 into the next step where the measured costs
+    say it helps (``PipelineExecutor(overlap_steps=True)``)."""
+
+    def __post_init__(self) -> None:
+        from ..pipeline import SCHEDULE_NAMES
+
+        for name in ("stages", "microbatches", "batch_size", "rounds", "warmup", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of microbatches="
+                             f"{self.microbatches} (torch's runtime splits the batch evenly)")
+        for s in self.ours:
+            base = s[:-4] if s.endswith("-2bp") else s
+            if base not in SCHEDULE_NAMES:
+                raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} (add -2bp for 2BP)")
+            if base == "auto" and not s.endswith("-2bp"):
+                raise ValueError("auto places P2, so it needs 2BP: use auto-2bp")
+        for s in self.torch_schedules:
+            if s not in TORCH_SCHEDULES:
+                raise ValueError(f"unknown torch schedule {s!r}; use one of {TORCH_SCHEDULES}")
+        if not (self.timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+
+    def contenders(self) -> list[Contender]:
+        out = [Contender("twobp", s, "twobp") for s in self.ours]
+        out += [Contender("torch", s, "torch") for s in self.torch_schedules]
+        if self.torch_with_twobp_modules:
+            out.append(Contender("torch", "Schedule1F1B", "twobp"))
+        return out
+
+
+@dataclass
+class ContenderResult:
+    """What one contender measured (rank 0's times; per-rank breakdown and memory)."""
+
+    contender: Contender
+    losses: list[float]
+    step_seconds: list[float]  # one per timed round, in round order
+    breakdown: list[dict[str, float]]  # per rank: median seconds per kind over the timed rounds
+    peak_saved_bytes: list[int] | None  # per rank
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(self.step_seconds)
+
+
+# ---- the runners: one step of one contender on this rank ------------------------------
+class _Timer:
+    """Seconds per kind on this rank during one step."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.acc[kind] = self.acc.get(kind, 0.0) + seconds
+
+    def wrap(self, obj: Any, attr: str, kind: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(kind, time.perf_counter() - t0)
+
+        setattr(obj, attr, timed)
+
+
+class _OursRunner:
+    def __init__(self, contender: Contender, model, world: int, cfg: CompareConfig, device, costs=None,
+                 overlap: bool = False):
+        from ..pipeline import PipelineExecutor, make_schedule
+
+        overlap = overlap and contender.twobp
+        self.schedule = make_schedule(contender.base_schedule, stages=world, microbatches=cfg.microbatches,
+                                      twobp=contender.twobp, costs=costs, overlap_steps=overlap)
+        self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=self.schedule, device=device,
+                                   timeout=cfg.timeout, overlap_steps=overlap)
+        self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
+        self.last = None
+
+    def step(self, x, y, timer: _Timer, measure: bool = False) -> float:
+        # the executor steps the optimizer (at the start of the next step for carried P2)
+        res = self.ex.step(x, y, optimizer=self.opt, measure=measure)
+        for e in res.rank_events or ():
+            timer.add({"recv": "wait"}.get(e.kind, e.kind), e.duration)
+        self.last = res
+        return res.loss
+
+
+class _TorchRunner:
+    def __init__(self, contender: Contender, model, rank: int, world: int, cfg: CompareConfig, device):
+        from torch import nn
+        from torch.distributed import pipelining as tp
+        from torch.distributed.pipelining import schedules as tps
+
+        from ..pipeline.partition import balance
+
+        per_rank = 1 if contender.schedule == "Schedule1F1B" else 2
+        n = world * per_rank
+        blocks = model.blocks()
+        part = balance(len(blocks), n)
+        if contender.schedule == "ScheduleZBVZeroBubble":
+            mine = [rank, n - 1 - rank]  # V shape: rank r holds stages r and 2p-1-r
+        else:
+            mine = [s for s in range(n) if s % world == rank]  # looped, as torch's interleaved schedules
+        self.stages = [tp.PipelineStage(nn.Sequential(*(blocks[i] for i in part.blocks_of(s))), s, n, device)
+                       for s in mine]
+        cls = getattr(tp, contender.schedule)
+        arg = self.stages[0] if per_rank == 1 else self.stages
+        self.sched = cls(arg, cfg.microbatches, loss_fn=model.loss_fn)
+        self.first, self.is_last = 0 in mine, n - 1 in mine
+        self.opt = torch.optim.AdamW([p for st in self.stages for p in st.submod.parameters()], lr=cfg.lr)
+        self.timer: _Timer | None = None
+        t = self._hook
+        for st in self.stages:
+            t(st, "forward_one_chunk", "F")
+            t(st, "backward_one_chunk", "B")
+            t(st, "backward_weight_one_chunk", "W")
+        self._tps = tps
+
+    def _hook(self, obj, attr: str, kind: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.timer is not None:
+                    self.timer.add(kind, time.perf_counter() - t0)
+
+        setattr(obj, attr, timed)
+
+    def step(self, x, y, timer: _Timer, measure: bool = False) -> float | None:
+        self.timer = timer
+        tps = self._tps
+        real_wait, real_batch = tps._wait_batch_p2p, tps._batch_p2p
+
+        def wait(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real_wait(*a, **k)
+            finally:
+                timer.add("wait", time.perf_counter() - t0)
+
+        def post(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real_batch(*a, **k)
+            finally:
+                timer.add("send", time.perf_counter() - t0)
+
+        tps._wait_batch_p2p, tps._batch_p2p = wait, post
+        try:
+            losses: list = []
+            kwargs = dict(target=y, losses=losses) if self.is_last else {}
+            if self.first:
+                self.sched.step(x, **kwargs)
+            else:
+                self.sched.step(**kwargs)
+        finally:
+            tps._wait_batch_p2p, tps._batch_p2p = real_wait, real_batch
+            self.timer = None
+        t0 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        timer.add("optim", time.perf_counter() - t0)
+        if self.is_last:
+            return float(torch.stack([l.detach().float() for l in losses]).mean())
+        return None
+
+
+def _build_model(cfg: CompareConfig, modules: str):
+    from .. import models
+    from ..nn import revert
+
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, cfg.preset)
+    return revert(model) if modules == "torch" else model
+
+
+def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
+    import twobp
+    from ..train import batch_source
+    from .saved_memory import SavedActivationMeter
+
+    torch.set_num_threads(cfg.threads)
+    device = torch.device("cpu")
+    contenders = cfg.contenders()
+    data = batch_source(cfg.model, _build_model(cfg, "twobp"))
+    batches = {}
+
+    def batch(step: int):
+        if step not in batches:
+            batches[step] = data.batch(step, cfg.batch_size, seed=cfg.seed)
+        return batches[step]
+
+    runners: dict[Contender, Any] = {}
+    errors: dict[Contender, str] = {}
+    steps_done: dict[Contender, int] = {}
+    losses: dict[Contender, list] = {c: [] for c in contenders}
+
+    def build(c: Contender, costs=None) -> None:
+        try:
+            model = _build_model(cfg, c.modules)
+            runners[c] = (_OursRunner(c, model, world, cfg, device, costs, cfg.overlap_steps)
+                          if c.implementation == "twobp" else _TorchRunner(c, model, rank, world, cfg, device))
+            steps_done[c] = 0
+        except Exception as e:  # noqa: BLE001 - reported per contender, the others still run
+            errors[c] = f"{type(e).__name__}: {e}"
+
+    def run(c: Contender, timer: _Timer, measure: bool = False) -> float:
+        x, y = batch(steps_done[c])
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = runners[c].step(x, y, timer, measure=measure)
+        dist.barrier()
+        wall = time.perf_counter() - t0
+        steps_done[c] += 1
+        losses[c].append(loss)
+        timer.acc["wall"] = wall
+        return wall
+
+    # auto places P2 by measured per-stage costs, and carried P2 is sized by them: measure
+    # them first, on a throw-away 1F1B + 2BP run (its second step; the first warms up)
+    costs = None
+    if any(c.twobp for c in contenders):
+        probe = Contender("twobp", "1f1b-2bp", "twobp")
+        build(probe)
+        if probe in runners:
+            x, y = batch(0)
+            runners[probe].step(x, y, _Timer())
+            runners[probe].step(*batch(1), _Timer(), measure=True)
+            costs = runners[probe].last.costs
+            runners.pop(probe).ex.flush()
+        else:
+            raise RuntimeError(f"the cost probe failed: {errors[probe]}")
+    for c in contenders:
+        build(c, costs if c.twobp else None)
+    for _ in range(cfg.warmup):
+        for c in list(runners):
+            run(c, _Timer())
+    timed = [c for c in contenders if c in runners]
+    walls: dict[Contender, list[float]] = {c: [] for c in timed}
+    parts: dict[Contender, list[dict]] = {c: [] for c in timed}
+    for r in range(cfg.rounds):
+        k = r % len(timed)
+        for c in timed[k:] + timed[:k]:
+            t = _Timer()
+            walls[c].append(run(c, t))
+            parts[c].append(t.acc)
+        if rank == 0:
+            print(f"  round {r + 1}/{cfg.rounds}: " + ", ".join(
+                f"{c.label} {walls[c][-1] * 1e3:.0f} ms" for c in timed), flush=True)
+    peaks: dict[Contender, int] = {}
+    if cfg.measure_memory:
+        for c in timed:
+            runner = runners[c]
+            store = runner.ex.store if isinstance(runner, _OursRunner) else twobp.default_store()
+            with SavedActivationMeter(store) as meter:
+                run(c, _Timer())
+            peaks[c] = meter.peak_bytes
+    for c in timed:
+        if isinstance(runners[c], _OursRunner):
+            runners[c].ex.flush()
+    out = {}
+    for c in contenders:
+        if c in errors:
+            out[c.label] = dict(error=errors[c])
+            continue
+        bd = {}
+        for kind in (*_KINDS, "wall"):
+            vals = [p.get(kind, 0.0) for p in parts[c]]
+            bd[kind] = statistics.median(vals) if vals else 0.0
+        bd["other"] = max(0.0, bd["wall"] - sum(bd[k] for k in _KINDS if k != "other"))
+        carry = list(runners[c].schedule.carry) if isinstance(runners[c], _OursRunner) else []
+        out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry,
+                            costs=costs if c.twobp else None)
+    return out
+
+
+def run_compare(cfg: CompareConfig) -> list[ContenderResult]:
+    """Run every contender of ``cfg`` on ``cfg.stages`` spawned gloo ranks (CPU)."""
+    from ..pipeline.launch import spawn
+
+    n = len(cfg.contenders())
+    per_rank = spawn(_worker, world_size=cfg.stages, args=(cfg,), backend="gloo", timeout=cfg.timeout,
+                     join_timeout=cfg.timeout * 2 + 120 + 60 * n * (cfg.rounds + 2 * cfg.warmup + 1),
+                     env={"OMP_NUM_THREADS": str(cfg.threads)})
+    results = []
+    for c in cfg.contenders():
+        rows = [pr[c.label] for pr in per_rank]
+        if "error" in rows[0]:
+            results.append(ContenderResult(c, [], [], [], None, error=rows[0]["error"]))
+            continue
+        # the loss is known on the rank holding the last stage
+        losses = [next((r["losses"][i] for r in rows if r["losses"][i] is not None), float("nan"))
+                  for i in range(len(rows[0]["losses"]))]
+        results.append(ContenderResult(
+            c, losses, rows[0]["walls"], [r["breakdown"] for r in rows],
+            [r["peak"] for r in rows] if rows[0]["peak"] is not None else None,
+            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"]}))
+    return results
+
+
+def paired_ratio(a: ContenderResult, b: ContenderResult) -> tuple[float, float, float]:
+    """Speed of ``a`` relative to ``b`` per round (b's time / a's time): (median, min, max)."""
+    r = [tb / ta for ta, tb in zip(a.step_seconds, b.step_seconds)]
+    return statistics.median(r), min(r), max(r)
+
+
+def losses_agree(results: Sequence[ContenderResult], rtol: float = 1e-4) -> float:
+    """The largest relative gap between any contender's per-step loss and the first's."""
+    ok = [r for r in results if r.error is None]
+    ref = ok[0].losses
+    return max((abs(a - b) / max(abs(a), 1e-12) for r in ok[1:] for a, b in zip(ref, r.losses)), default=0.0)
