@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DTYPES as _DTYPES, INTERPRET as _INTERPRET
+from ._targets import ConfigTable, make_prune
 
 __all__ = ["attention_fwd", "attention_dx", "MAX_HEAD_DIM"]
 
@@ -64,23 +65,71 @@ _LOG2E = 1.0 / _LN2  # 1/ln 2: exp(x) = exp2(x * log2(e))
 
 
 # ---------------------------------------------------------------------------------------
-# configs: Hopper/Ampere candidates; one tiny config under the interpreter (CPU tests)
+# configs per launch class (architecture, dtype class, padded head dim; see _targets.py);
+# one tiny config under the interpreter (CPU tests)
 # ---------------------------------------------------------------------------------------
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> triton.Configs."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]
 
 
-# forward / dQ: a tall query block, a loop over key blocks
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4),
-                         (128, 32, 4, 4), (64, 32, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-# dK/dV: a tall key block (BLOCK_N), a loop over query blocks (BLOCK_M)
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                          (16, 64, 4, 4)])
+_INTERPRET_CONFIGS = _configs([(16, 16, 1, 1)]) if _INTERPRET else None
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per launch class, best first. Each is checked by the
+# AOT sweep (bench/results/aot-sweep.md) at the model shapes: no spills, shared memory within
+# the target's limit, wgmma on sm_90 in 16-bit. What shaped them:
+# - at D = 128 the fp32 accumulators (acc / dQ / dK + dV) and the operands of a block fill the
+#   register file: 4-warp 128-row forward and dQ blocks spill, as do 64-row dK/dV blocks
+#   with 4 warps; ptxas for sm_80 and for sm_90 spill on different configs;
+# - exact fp32 ("ieee") multiplies in registers: only 16- and 32-wide blocks fit, and 16-bit
+#   tiles would also need more shared memory than an A100 block has (dQ at D = 128 asked for
+#   172-295 KB of 163); the fp32 lists hold for every head dim up to 128.
+_FWD_16 = {
+    ("sm_90", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+    ("sm_80", 128): [(128, 64, 8, 4), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 4, 3)],
+    "small": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+}
+_DQ_16 = {
+    ("sm_90", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    ("sm_80", 128): [(64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3)],
+    "small": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+}
+# dK/dV: BLOCK_N keys owned by a program, a loop over BLOCK_M queries
+_DKDV_16 = {
+    ("sm_90", 128): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4)],
+    ("sm_80", 128): [(64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4)],
+    "small": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)],
+}
+_FWD_32 = {"sm_90": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+           "sm_80": [(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]}
+_DQ_32 = {"sm_90": [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+          "sm_80": [(32, 32, 4, 2), (16, 64, 8, 2), (16, 32, 4, 2)]}
+_DKDV_32 = {"sm_90": [(16, 64, 8, 1), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+            "sm_80": [(16, 64, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)]}
+_HEAD_DIMS = (16, 32, 64, 128)  # HEAD_DIM_P: D padded to a power of two >= 16
+
+
+def _table(half: dict, full: dict) -> ConfigTable:
+    lists = {}
+    for arch in ("sm_90", "sm_80"):
+        for hd in _HEAD_DIMS:
+            lists[(arch, "16-bit", hd)] = _configs(half.get((arch, hd), half["small"]))
+            lists[(arch, "fp32", hd)] = _configs(full[arch])
+    return ConfigTable(lists, _INTERPRET_CONFIGS)
+
+
+_FWD_TABLE = _table(_FWD_16, _FWD_32)
+_DQ_TABLE = _table(_DQ_16, _DQ_32)
+_DKDV_TABLE = _table(_DKDV_16, _DKDV_32)
+
+
+def _head_class(meta) -> tuple[int]:
+    return (meta["HEAD_DIM_P"],)
+
+
+_prune_fwd = make_prune(_FWD_TABLE, "q_ptr", extra=_head_class)
+_prune_dq = make_prune(_DQ_TABLE, "q_ptr", extra=_head_class)
+_prune_dkdv = make_prune(_DKDV_TABLE, "q_ptr", extra=_head_class)
 _PRE_BLOCK_M = 16 if _INTERPRET else 128
 _KEYS = ["HEAD_DIM_P", "CAUSAL", "seq_bucket"]
 
@@ -145,7 +194,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEYS)
+@triton.autotune(configs=_FWD_TABLE.configs, key=_KEYS, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attn_fwd_kernel(q_ptr,            # q [B, S, H, D], last dim contiguous
                      k_ptr,            # k [B, S, Hkv, D], last dim contiguous
@@ -248,24 +297,37 @@ def _attn_bwd_preprocess_kernel(o_ptr,        # o [B, S, H, D], last dim contigu
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v,
-                         q_base,       # pointer to q[b, 0, h, 0]
-                         do_base,      # pointer to dO[b, 0, h, 0]
-                         lse_row,      # pointer to lse[b, h, 0]
-                         delta_row,    # pointer to δ[b, h, 0]
+                         q_head0,      # pointer to q[b, 0, h0, 0], h0 the first query head of this kv head
+                         do_head0,     # pointer to dO[b, 0, h0, 0]
+                         lse_head0,    # pointer to lse[b, h0, 0]
+                         delta_head0,  # pointer to δ[b, h0, 0]
+                         stride_qh,    # q stride between heads
+                         stride_doh,   # dO stride between heads
                          stride_qs,    # q stride along the sequence
                          stride_dos,   # dO stride along the sequence
                          offs_n,       # [BLOCK_N] key rows of this program
                          offs_d,       # [HEAD_DIM_P]
                          d_mask,       # [HEAD_DIM_P] offs_d < HEAD_DIM
                          seq_len,      # S
-                         lo, hi,       # query range [lo, hi), lo a multiple of BLOCK_M
+                         group,        # G query heads sharing the kv head, visited in order
+                         lo, hi,       # query range [lo, hi) in every head, lo a multiple of BLOCK_M
                          qk_scale,     # sm_scale / ln 2
                          MASKED: tl.constexpr,         # mask query tail (and causal)
                          CAUSAL: tl.constexpr,
                          BLOCK_M: tl.constexpr,        # queries per step
                          DOT_PRECISION: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+    """dK, dV += the contributions of query rows [lo, hi) of the G query heads. One flat loop
+    over (head g, query block): a loop over heads around the query-block loop would hold dK,
+    dV, K and V live across two loop levels, which at D = 128 spilled on every config (the
+    AOT sweep); flat, GQA compiles like plain multi-head attention."""
+    n_blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
+    for t in range(0, group * n_blocks):
+        g = t // n_blocks
+        start_m = tl.multiple_of(lo + (t - g * n_blocks) * BLOCK_M, BLOCK_M)
+        q_base = q_head0 + g * stride_qh
+        do_base = do_head0 + g * stride_doh
+        lse_row = lse_head0 + g * seq_len
+        delta_row = delta_head0 + g * seq_len
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < seq_len
         qd_mask = m_mask[:, None] & d_mask[None, :]
@@ -288,7 +350,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEYS)
+@triton.autotune(configs=_DKDV_TABLE.configs, key=_KEYS,
+                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr,        # q [B, S, H, D]
                           k_ptr,        # k [B, S, Hkv, D]
@@ -349,24 +412,23 @@ def _attn_bwd_dkdv_kernel(q_ptr,        # q [B, S, H, D]
         mid = 0
     tail = tl.maximum(mid, full_end)
     # the G query heads sharing this kv head, in order: a deterministic sum, no atomics
-    for g in range(0, group):
-        off_h = off_hk * group + g
-        q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
-        do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
-        row = (off_b * num_heads + off_h) * seq_len
-        if CAUSAL:
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
-                                          stride_qs, stride_dos, offs_n, offs_d, d_mask, seq_len,
-                                          lo, tl.minimum(mid, seq_len), qk_scale,
-                                          True, CAUSAL, BLOCK_M, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
-                                      stride_qs, stride_dos, offs_n, offs_d, d_mask, seq_len,
-                                      mid, full_end, qk_scale,
-                                      False, CAUSAL, BLOCK_M, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr + row, delta_ptr + row,
-                                      stride_qs, stride_dos, offs_n, offs_d, d_mask, seq_len,
-                                      tail, seq_len, qk_scale,
+    off_h0 = off_hk * group
+    q_head0 = q_ptr + off_b * stride_qb + off_h0 * stride_qh
+    do_head0 = do_ptr + off_b * stride_dob + off_h0 * stride_doh
+    row0 = (off_b * num_heads + off_h0) * seq_len
+    if CAUSAL:
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, lse_ptr + row0, delta_ptr + row0,
+                                      stride_qh, stride_doh, stride_qs, stride_dos, offs_n, offs_d, d_mask,
+                                      seq_len, group, lo, tl.minimum(mid, seq_len), qk_scale,
                                       True, CAUSAL, BLOCK_M, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, lse_ptr + row0, delta_ptr + row0,
+                                  stride_qh, stride_doh, stride_qs, stride_dos, offs_n, offs_d, d_mask,
+                                  seq_len, group, mid, full_end, qk_scale,
+                                  False, CAUSAL, BLOCK_M, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, lse_ptr + row0, delta_ptr + row0,
+                                  stride_qh, stride_doh, stride_qs, stride_dos, offs_n, offs_d, d_mask,
+                                  seq_len, group, tail, seq_len, qk_scale,
+                                  True, CAUSAL, BLOCK_M, DOT_PRECISION)
     dk = dk * sm_scale  # dK = c dSᵀ Q
     tl.store(_rows_ptrs(dk_ptr + off_b * stride_dkb + off_hk * stride_dkh, start_n, stride_dks, BLOCK_N,
                         offs_d), dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -409,7 +471,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEYS)
+@triton.autotune(configs=_DQ_TABLE.configs, key=_KEYS, prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr,        # q [B, S, H, D]
                         k_ptr,        # k [B, S, Hkv, D]

@@ -103,6 +103,8 @@ from ._launch import check_devices
 from ._launch import check_dtype as _check_dtype
 from ._launch import check_tensor as _check_tensor
 from ._launch import device_table as _device_table
+from ._targets import ConfigTable, make_prune
+from ._tiles import grouped_tile as _grouped_tile
 
 __all__ = ["conv2d_fwd", "conv2d_dx", "conv2d_dw", "conv2d_flops", "conv2d_output_size"]
 
@@ -120,39 +122,58 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int | None =
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-if _INTERPRET:
-    # One config each, so the autotuner never benchmarks on the CPU. Tiles are small and not
-    # square, so a swapped stride or mask shows as a wrong answer; GROUP_SIZE_M 2 exercises
-    # ragged groups.
-    _FWD_CONFIGS = [_cfg(32, 16, 16, 4, 1, 2)]
-    _DX_CONFIGS = [_cfg(32, 16, 16, 4, 1, 2)]
-    _DW_CONFIGS = [_cfg(16, 16, 32, 4, 1, None)]
-    _REDUCE_BLOCK = 128
-else:
-    # Hopper / Ampere. BLOCK_SIZE_K is a channel chunk (fwd: in channels, dX: out channels);
-    # CNN channel counts are multiples of 32 past the stem.
-    _FWD_CONFIGS = [
-        _cfg(128, 128, 64, 8, 3),
-        _cfg(128, 128, 32, 8, 4),
-        _cfg(256, 64, 32, 8, 3),
-        _cfg(128, 64, 32, 4, 4),
-        _cfg(64, 128, 32, 4, 4),
-        _cfg(64, 64, 32, 4, 4),
-        _cfg(128, 32, 32, 4, 4),  # few out channels
-        _cfg(64, 64, 16, 4, 5),  # the stem: 3 in channels
-    ]
-    _DX_CONFIGS = _FWD_CONFIGS
-    # dW: the tile is BLOCK_SIZE_M out x BLOCK_SIZE_N in channels; BLOCK_SIZE_K is the pixel step.
-    _DW_CONFIGS = [
-        _cfg(128, 128, 32, 8, 3, None),
-        _cfg(128, 64, 64, 4, 3, None),
-        _cfg(64, 128, 64, 4, 3, None),
-        _cfg(64, 64, 64, 4, 4, None),
-        _cfg(64, 64, 32, 4, 5, None),
-        _cfg(32, 64, 64, 4, 4, None),
-        _cfg(64, 32, 64, 4, 4, None),
-    ]
-    _REDUCE_BLOCK = 1024
+# Interpreter: one config each, so the autotuner never benchmarks on the CPU. Tiles are small
+# and not square, so a swapped stride or mask shows as a wrong answer; GROUP_SIZE_M 2
+# exercises ragged groups.
+_INTERPRET_GEMM = [_cfg(32, 16, 16, 4, 1, 2)]
+_INTERPRET_DW = [_cfg(16, 16, 32, 4, 1, None)]
+_REDUCE_BLOCK = 128 if _INTERPRET else 1024
+
+# Candidates per launch class (kernels/_targets.py), best first; each is checked by the AOT sweep
+# (bench/results/aot-sweep.md). BLOCK_SIZE_K is a channel chunk (fwd: in channels, dX: out
+# channels); CNN channel counts are multiples of 32 past the stem. The forward and dX compute
+# their tiles transposed (out channels x pixels), so the dot's rows are BLOCK_SIZE_N: 32 of
+# them compile to mma.sync on sm_90, not wgmma, and that config is an sm_80 one.
+_GEMM_SM90 = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(256, 64, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(64, 64, 16, 4, 5),  # the stem: 3 in channels
+]
+_GEMM_SM80 = _GEMM_SM90 + [_cfg(128, 32, 32, 4, 4)]  # few out channels
+# fp32 (TF32 by default, as cuDNN): twice the bytes per tile, so shallower pipelines
+_GEMM_FP32 = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(64, 64, 32, 4, 3),
+    _cfg(64, 64, 16, 4, 4),
+]
+# dW: the tile is BLOCK_SIZE_M out x BLOCK_SIZE_N in channels; BLOCK_SIZE_K is the pixel step.
+_DW_SM90 = [
+    _cfg(128, 128, 32, 8, 3, None),
+    _cfg(128, 64, 64, 4, 3, None),
+    _cfg(64, 128, 64, 4, 3, None),
+    _cfg(64, 64, 64, 4, 4, None),
+    _cfg(64, 64, 32, 4, 5, None),
+    _cfg(64, 32, 64, 4, 4, None),
+]
+_DW_SM80 = _DW_SM90 + [_cfg(32, 64, 64, 4, 4, None)]  # 32 out channels: mma.sync on sm_90
+_DW_FP32 = [
+    _cfg(128, 64, 32, 8, 3, None),
+    _cfg(64, 64, 32, 4, 3, None),
+    _cfg(64, 32, 32, 4, 3, None),
+]
+_FWD_TABLE = ConfigTable({("sm_90", "16-bit"): _GEMM_SM90, ("sm_80", "16-bit"): _GEMM_SM80,
+                          ("sm_90", "fp32"): _GEMM_FP32, ("sm_80", "fp32"): _GEMM_FP32},
+                         _INTERPRET_GEMM if _INTERPRET else None)
+_DX_TABLE = ConfigTable(dict(_FWD_TABLE.lists), _INTERPRET_GEMM if _INTERPRET else None)
+_DW_TABLE = ConfigTable({("sm_90", "16-bit"): _DW_SM90, ("sm_80", "16-bit"): _DW_SM80,
+                         ("sm_90", "fp32"): _DW_FP32, ("sm_80", "fp32"): _DW_FP32},
+                        _INTERPRET_DW if _INTERPRET else None)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -162,7 +183,7 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _prune_gemm(configs, named_args, **_):
+def _prune_gemm(configs, named_args):
     """Drop configs whose tile is far larger than the problem (saves autotuning time): a
     block may exceed its dimension by less than 2x, with 32 (16 for channel chunks) as the
     floor. Keeps at least the smallest config."""
@@ -175,7 +196,7 @@ def _prune_gemm(configs, named_args, **_):
     return [min(configs, key=lambda c: c.kwargs["BLOCK_SIZE_M"] * c.kwargs["BLOCK_SIZE_N"] * c.kwargs["BLOCK_SIZE_K"])]
 
 
-def _prune_dw(configs, named_args, **_):
+def _prune_dw_size(configs, named_args):
     """As _prune_gemm for dW: tiles no wider than the channel counts need."""
     limits = {"BLOCK_SIZE_M": max(32, triton.next_power_of_2(named_args["O"])),
               "BLOCK_SIZE_N": max(32, triton.next_power_of_2(named_args["C"]))}
@@ -188,19 +209,6 @@ def _prune_dw(configs, named_args, **_):
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _grouped_tile(pid, num_pid_rows, num_pid_cols, GROUP_SIZE: tl.constexpr):
-    """Map a linear program id to a (row block, column block) tile, GROUP_SIZE row blocks at a
-    time, so programs running together share the same column blocks (weights) in L2."""
-    num_pid_in_group = GROUP_SIZE * num_pid_cols
-    group_id = pid // num_pid_in_group
-    first_pid_row = group_id * GROUP_SIZE
-    group_rows = min(num_pid_rows - first_pid_row, GROUP_SIZE)  # the last group may be short
-    pid_row = first_pid_row + (pid % num_pid_in_group) % group_rows
-    pid_col = (pid % num_pid_in_group) // group_rows
-    return pid_row, pid_col
 
 
 @triton.jit
@@ -353,6 +361,29 @@ def _conv_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
 
 
+@triton.jit
+def _conv_dw_step(acc, db_acc,
+                  dy_cols,  # [BK] pointers to dy[n, 0, oh, ow] of the chunk's pixels
+                  x_pix,  # [BK] pointers to x[n, 0, ih, iw] they read through the tap
+                  mask_p,  # [BK] the pixel exists
+                  in_hw,  # [BK] ... and its tap lands inside the input
+                  offs_o, offs_c, mask_o, mask_c,  # the tile's out / in channels
+                  stride_dyc, stride_xc,  # channel strides
+                  owns_db,  # this program also sums db
+                  HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One pixel chunk of dW: acc += dy[o-tile, chunk] x[c-tile, chunk]ᵀ (and db_acc += Σ dy)."""
+    g = tl.load(dy_cols[None, :] + offs_o[:, None] * stride_dyc,
+                mask=mask_o[:, None] & mask_p[None, :], other=0.0)  # [BM, BK] dy, o x pixel
+    # x is loaded with pixels last (neighbouring addresses in NCHW), then transposed
+    xt = tl.load(x_pix[None, :] + offs_c[:, None] * stride_xc,
+                 mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BN, BK] x, c x pixel
+    acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        if owns_db:
+            db_acc += tl.sum(g.to(tl.float32), axis=1)
+    return acc, db_acc
+
+
 # Columns of the micro-batch table read by _conv_dw_kernel, one int64 row per micro-batch.
 _MB_X, _MB_DY, _MB_BATCH, _MB_COLS = 0, 1, 2, 3  # _MB_COLS: entries per row
 
@@ -370,6 +401,7 @@ def _conv_dw_kernel(
     C,  # in channels: dW columns (per tap)
     H, W,  # input height, width
     OH, OW,  # output height, width
+    HW,  # OH·OW, as an argument so that the compiler learns its divisibility by 16 (DY_FLAT)
     stride_xn, stride_xc, stride_xh, stride_xw,  # x strides, shared by every micro-batch
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,  # dy strides, shared by every micro-batch
     stride_dws, stride_dwo, stride_dwc, stride_dwh, stride_dww,  # dw_ptr strides (split, o, c, kh, kw)
@@ -382,6 +414,8 @@ def _conv_dw_kernel(
     HAS_BIAS: tl.constexpr,  # also reduce db
     FROM_TABLE: tl.constexpr,  # read the micro-batches from mb_table_ptr instead of x_ptr / dy_ptr
     ACCUMULATE: tl.constexpr,  # SPLIT == 1: add into dW / db; else overwrite this split's workspace slice
+    DY_FLAT: tl.constexpr,  # dy's (oh, ow) are one run of unit stride: walk pixels image by image
+    X_FLAT: tl.constexpr,  # with DY_FLAT, x's pixel of output pixel p is p too (1x1, stride 1, no padding)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands: "ieee" or "tf32"
     BLOCK_SIZE_M: tl.constexpr,  # dW tile rows: out channels
     BLOCK_SIZE_N: tl.constexpr,  # dW tile columns: in channels
@@ -422,27 +456,45 @@ def _conv_dw_kernel(
             x_base = x_ptr
             dy_base = dy_ptr
             pixels = N_BATCH * (OH * OW)
-        for p0 in range(pid_s * BLOCK_SIZE_K, pixels, SPLIT * BLOCK_SIZE_K):
-            p = p0 + offs_p  # output pixel (n, oh, ow) flattened
-            mask_p = p < pixels
-            n = p // (OH * OW)
-            pix = p % (OH * OW)
-            oh = pix // OW
-            ow = pix % OW
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            in_hw = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            dy_cols = dy_base + n.to(tl.int64) * stride_dyn + oh * stride_dyh + ow * stride_dyw  # [BK]
-            x_pix = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
-            g = tl.load(dy_cols[None, :] + offs_o[:, None] * stride_dyc,
-                        mask=mask_o[:, None] & mask_p[None, :], other=0.0)  # [BM, BK] dy, o x pixel
-            # x is loaded with pixels last (neighbouring addresses in NCHW), then transposed
-            xt = tl.load(x_pix[None, :] + offs_c[:, None] * stride_xc,
-                         mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BN, BK] x, c x pixel
-            acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION)
-            if HAS_BIAS:
-                if owns_db:
-                    db_acc += tl.sum(g.to(tl.float32), axis=1)
+        if DY_FLAT:
+            # Chunks of BLOCK_SIZE_K pixels inside one image, image by image: chunk g is image
+            # g // chunks, pixels (g % chunks)·BLOCK_SIZE_K + [0, BLOCK_SIZE_K). The compiler then
+            # sees a dy row of unit stride starting at a multiple of BLOCK_SIZE_K, so the dy tile
+            # (and x's with X_FLAT) loads as wide vectors and is pipelined through cp.async; the
+            # last chunk of each image is partly masked (the price of that).
+            chunks = tl.cdiv(HW, BLOCK_SIZE_K)
+            for g_chunk in range(pid_s, (pixels // HW) * chunks, SPLIT):
+                n = g_chunk // chunks
+                pix = (g_chunk - n * chunks) * BLOCK_SIZE_K + offs_p  # [BK] pixel in the image
+                mask_p = pix < HW  # constant over runs of 16 when HW is a multiple of 16
+                dy_cols = dy_base + n.to(tl.int64) * stride_dyn + pix  # [BK], unit stride
+                if X_FLAT:
+                    in_hw = mask_p
+                    x_pix = x_base + n.to(tl.int64) * stride_xn + pix
+                else:
+                    oh = pix // OW
+                    ow = pix % OW
+                    ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                    iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                    in_hw = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    x_pix = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
+                acc, db_acc = _conv_dw_step(acc, db_acc, dy_cols, x_pix, mask_p, in_hw, offs_o, offs_c, mask_o,
+                                            mask_c, stride_dyc, stride_xc, owns_db, HAS_BIAS, INPUT_PRECISION)
+        else:
+            for p0 in range(pid_s * BLOCK_SIZE_K, pixels, SPLIT * BLOCK_SIZE_K):
+                p = p0 + offs_p  # output pixel (n, oh, ow) flattened over the micro-batch
+                mask_p = p < pixels
+                n = p // (OH * OW)
+                pix = p % (OH * OW)
+                oh = pix // OW
+                ow = pix % OW
+                ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                in_hw = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                dy_cols = dy_base + n.to(tl.int64) * stride_dyn + oh * stride_dyh + ow * stride_dyw  # [BK]
+                x_pix = x_base + n.to(tl.int64) * stride_xn + ih * stride_xh + iw * stride_xw  # [BK]
+                acc, db_acc = _conv_dw_step(acc, db_acc, dy_cols, x_pix, mask_p, in_hw, offs_o, offs_c, mask_o,
+                                            mask_c, stride_dyc, stride_xc, owns_db, HAS_BIAS, INPUT_PRECISION)
 
     if ACCUMULATE:
         split_off = 0
@@ -506,19 +558,22 @@ def _conv_dw_reduce_kernel(
         _sum_splits(ws_b_ptr, db_ptr, offs, offs < O, offs * stride_db, SPLIT, O, BLOCK)
 
 
+_prune_fwd = make_prune(_FWD_TABLE, "x_ptr", by_size=_prune_gemm)
+_prune_dx = make_prune(_DX_TABLE, "dy_ptr", by_size=_prune_gemm)
+_prune_dw = make_prune(_DW_TABLE, "x_ptr", by_size=_prune_dw_size)
 _fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS,
+    configs=_FWD_TABLE.configs,
     key=["M", "N", "K_CHANNELS", "KH", "KW", "STRIDE_H", "STRIDE_W"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )(_conv_fwd_kernel)
 _dx_tuned = triton.autotune(
-    configs=_DX_CONFIGS,
+    configs=_DX_TABLE.configs,
     key=["M", "N", "K_CHANNELS", "KH", "KW", "STRIDE_H", "STRIDE_W"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
+    prune_configs_by={"early_config_prune": _prune_dx},
 )(_conv_dx_kernel)
 # Autotuning runs the kernel several times; with ACCUMULATE it adds into dW / db, so restore them.
 _dw_tuned = triton.autotune(
-    configs=_DW_CONFIGS,
+    configs=_DW_TABLE.configs,
     key=["N_BATCH", "O", "C", "H", "W", "KW", "STRIDE_H", "SPLIT", "FROM_TABLE"],
     prune_configs_by={"early_config_prune": _prune_dw},
     restore_value=["dw_ptr", "db_ptr"],
@@ -752,6 +807,19 @@ def _shared_strides(name: str, tensors: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(ref)
 
 
+def _dw_flat_layout(x_strides, dy_strides, hw, ohw, khw, stride, pad_tl) -> tuple[bool, bool]:
+    """(DY_FLAT, X_FLAT) of _conv_dw_kernel: walk pixels image by image, as one unit-stride run
+    (vector loads, cp.async), when dy's (oh, ow) are one such run of a multiple of 16 pixels
+    (what Triton's argument specialisation can tell the compiler: ResNet's 56x56 and 28x28
+    maps, not 14x14 or 7x7); x's too when the conv is 1x1, stride 1, unpadded (x's pixel is
+    dy's pixel)."""
+    (h, w), (oh, ow) = hw, ohw
+    dy_flat = dy_strides[3] == 1 and dy_strides[2] == ow and (oh * ow) % 16 == 0
+    x_flat = (dy_flat and tuple(khw) == (1, 1) and tuple(stride) == (1, 1) and tuple(pad_tl) == (0, 0)
+              and (h, w) == (oh, ow) and x_strides[3] == 1 and x_strides[2] == w)
+    return dy_flat, x_flat
+
+
 def _pick_split(o: int, c: int, taps: int, max_pixels: int, device: torch.device) -> int:
     """Programs per dW tile: enough to give every SM about two programs, each reducing at
     least 512 pixels; 1 when the weight alone fills the GPU (or under the interpreter)."""
@@ -852,6 +920,8 @@ def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         w_strides = out_w.stride()
         b_strides = out_b.stride() if out_b is not None else (0, 0)
 
+    dy_flat, x_flat = _dw_flat_layout(x_strides, dy_strides, (h, w), (oh, ow), (kh, kw), (sh, sw), (top, left))
+
     def grid(meta):
         return (triton.cdiv(o, meta["BLOCK_SIZE_M"]) * triton.cdiv(c, meta["BLOCK_SIZE_N"]) * kh * kw, split)
 
@@ -859,7 +929,7 @@ def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         x0, dy0, out_w, out_b if out_b is not None else out_w,
         table if table is not None else out_w, len(live),
         x0.shape[0] if table is None else batch_total,
-        o, c, h, w, oh, ow,
+        o, c, h, w, oh, ow, oh * ow,
         *x_strides, *dy_strides,
         *w_strides, *b_strides,
         kw, sh, sw, top, left, dh, dw,
@@ -867,6 +937,8 @@ def conv2d_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         HAS_BIAS=dbias is not None,
         FROM_TABLE=table is not None,
         ACCUMULATE=accumulate,
+        DY_FLAT=dy_flat,
+        X_FLAT=x_flat,
         INPUT_PRECISION=_input_precision(dtype),
     )
     if not accumulate:

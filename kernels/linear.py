@@ -73,6 +73,9 @@ from ._launch import check_devices
 from ._launch import check_dtype as _check_dtype
 from ._launch import check_tensor as _check_tensor
 from ._launch import device_table as _device_table
+from . import linear_tma as _tma
+from ._targets import ConfigTable, arch_of, make_prune
+from ._tiles import grouped_tile as _grouped_tile
 
 __all__ = ["linear_fwd", "linear_dx", "linear_dw", "linear_flops"]
 
@@ -100,50 +103,105 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int, group_n
     )
 
 
-if _INTERPRET:
-    # One config each, so the autotuner never benchmarks on the CPU. The tiles are small and
-    # deliberately not square, so a swapped stride or mask shows up as a wrong answer, and
-    # GROUP_SIZE 2 exercises the grouped order with ragged groups.
-    _FWD_CONFIGS = [_cfg(32, 16, 32, 2, 4, 1)]
-    _DX_CONFIGS = [_cfg(16, 32, 32, 2, 4, 1)]
-    _DW_CONFIGS = [_cfg(32, 32, 16, 2, 4, 1, "GROUP_SIZE_N")]
-else:
-    # Hopper / Ampere, fp16 and bf16 first; the large tiles also cover fp32 where shared
-    # memory allows (configs that do not fit are dropped by the autotuner).
-    _FWD_CONFIGS = [
-        _cfg(128, 256, 64, 8, 8, 3),
-        _cfg(256, 128, 64, 8, 8, 3),
-        _cfg(128, 128, 64, 8, 8, 4),
-        _cfg(128, 128, 32, 8, 4, 4),
-        _cfg(128, 64, 64, 8, 4, 4),
-        _cfg(64, 128, 64, 8, 4, 4),
-        _cfg(64, 64, 64, 8, 4, 4),
-        _cfg(32, 64, 128, 8, 4, 4),  # few rows (M <= 32): decode-sized batches
-    ]
-    # dX is on the critical path: mostly medium tiles, which give more programs per micro-batch.
-    _DX_CONFIGS = [
-        _cfg(128, 128, 64, 8, 8, 4),
-        _cfg(128, 128, 32, 8, 4, 4),
-        _cfg(128, 64, 64, 8, 4, 4),
-        _cfg(64, 128, 64, 8, 4, 4),
-        _cfg(64, 64, 64, 8, 4, 4),
-        _cfg(64, 64, 32, 8, 4, 5),
-        _cfg(32, 64, 128, 8, 4, 4),
-        _cfg(128, 256, 64, 8, 8, 3),
-    ]
-    # dW: BLOCK_SIZE_M is the reduction block (rows); the output tile is BLOCK_SIZE_N x BLOCK_SIZE_K.
-    _DW_CONFIGS = [
-        _cfg(64, 128, 256, 8, 8, 3, "GROUP_SIZE_N"),
-        _cfg(64, 256, 128, 8, 8, 3, "GROUP_SIZE_N"),
-        _cfg(64, 128, 128, 8, 8, 4, "GROUP_SIZE_N"),
-        _cfg(32, 128, 128, 8, 4, 4, "GROUP_SIZE_N"),
-        _cfg(64, 128, 64, 8, 4, 4, "GROUP_SIZE_N"),
-        _cfg(64, 64, 128, 8, 4, 4, "GROUP_SIZE_N"),
-        _cfg(64, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),
-    ]
+# Interpreter: one config each, so the autotuner never benchmarks on the CPU. The tiles are
+# small and deliberately not square, so a swapped stride or mask shows up as a wrong answer,
+# and GROUP_SIZE 2 exercises the grouped order with ragged groups.
+_INTERPRET_FWD = [_cfg(32, 16, 32, 2, 4, 1)]
+_INTERPRET_DX = [_cfg(16, 32, 32, 2, 4, 1)]
+_INTERPRET_DW = [_cfg(32, 32, 16, 2, 4, 1, "GROUP_SIZE_N")]
+
+# Candidates per launch class (kernels/_targets.py), best first at the model shapes: when the
+# GPU check caps autotuning (TWOBP_AUTOTUNE_MAX_CONFIGS) the first ones are timed. Every config
+# is checked by the AOT sweep (bench/results/aot-sweep.md): no spills, shared memory within the
+# target's limit, wgmma on sm_90 in 16-bit. Findings behind the lists:
+# - a 32-row tile (32x64x128, decode-sized batches) compiles to mma.sync on sm_90 (wgmma needs
+#   64 rows per warpgroup), so it is an sm_80-only config;
+# - exact fp32 ("ieee", no tensor cores) multiplies in registers: on sm_80 every 16-bit-sized
+#   tile spills (up to 6 KB), 16-deep or 32-deep K steps do not;
+# - a dW tile with fp32 master gradients holds the fp32 accumulator and the fp32 gradient
+#   tile at once in the epilogue: 128x256 and 4-warp 128x128 tiles spill, so they are dropped.
+_FWD_16_SM90 = [
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(256, 128, 64, 8, 8, 3),
+    _cfg(128, 128, 32, 8, 4, 4),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 128, 64, 8, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),
+]
+_FWD_16_SM80 = [
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(256, 128, 64, 8, 8, 3),
+    _cfg(128, 128, 32, 8, 4, 4),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),  # (64x128x64 with 4 warps spills 8 bytes on sm_80)
+    _cfg(32, 64, 128, 8, 4, 4),  # few rows (M <= 32): decode-sized batches
+]
+# dX is on the critical path: medium tiles first, which give more programs per micro-batch.
+_DX_16_SM90 = [
+    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(128, 128, 32, 8, 4, 4),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 128, 64, 8, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),
+    _cfg(64, 64, 32, 8, 4, 5),
+]
+_DX_16_SM80 = _DX_16_SM90 + [_cfg(32, 64, 128, 8, 4, 4)]
+_FP32_SM90 = [  # exact products: FMA, no tensor cores
+    _cfg(128, 128, 64, 8, 8, 4),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 128, 64, 8, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),
+]
+_FP32_SM80 = [
+    _cfg(128, 128, 16, 8, 8, 3),
+    _cfg(128, 64, 16, 8, 8, 3),
+    _cfg(64, 128, 16, 8, 8, 3),
+    _cfg(64, 64, 32, 8, 4, 3),
+    _cfg(64, 64, 16, 8, 4, 4),
+    _cfg(32, 64, 32, 8, 4, 3),
+]
+# dW: BLOCK_SIZE_M is the reduction block (rows); the output tile is BLOCK_SIZE_N x BLOCK_SIZE_K.
+_DW_NARROW = [  # clean everywhere in 16-bit, fp32 gradients included
+    _cfg(64, 128, 128, 8, 8, 4, "GROUP_SIZE_N"),
+    _cfg(64, 128, 64, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(64, 64, 128, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(64, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),
+]
+_DW_16_SM90 = [
+    _cfg(64, 128, 256, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(64, 256, 128, 8, 8, 3, "GROUP_SIZE_N"),
+    *_DW_NARROW,
+    _cfg(32, 128, 128, 8, 4, 4, "GROUP_SIZE_N"),
+]
+_DW_FP32_SM90 = [
+    _cfg(64, 128, 128, 8, 8, 4, "GROUP_SIZE_N"),
+    _cfg(64, 128, 64, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(64, 64, 128, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(64, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),
+]
+_DW_FP32_SM80 = [
+    _cfg(16, 128, 128, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(32, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(16, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(32, 64, 64, 8, 4, 3, "GROUP_SIZE_N"),
+    _cfg(16, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),
+]
+_FWD_TABLE = ConfigTable({("sm_90", "16-bit"): _FWD_16_SM90, ("sm_80", "16-bit"): _FWD_16_SM80,
+                          ("sm_90", "fp32"): _FP32_SM90, ("sm_80", "fp32"): _FP32_SM80},
+                         _INTERPRET_FWD if _INTERPRET else None)
+_DX_TABLE = ConfigTable({("sm_90", "16-bit"): _DX_16_SM90, ("sm_80", "16-bit"): _DX_16_SM80,
+                         ("sm_90", "fp32"): _FP32_SM90, ("sm_80", "fp32"): _FP32_SM80},
+                        _INTERPRET_DX if _INTERPRET else None)
+_DW_TABLE = ConfigTable({("sm_90", "16-bit", "input-grad"): _DW_16_SM90, ("sm_80", "16-bit", "input-grad"): _DW_NARROW,
+                         ("sm_90", "16-bit", "fp32-grad"): _DW_NARROW, ("sm_80", "16-bit", "fp32-grad"): _DW_NARROW,
+                         ("sm_90", "fp32", "input-grad"): _DW_FP32_SM90, ("sm_80", "fp32", "input-grad"): _DW_FP32_SM80},
+                        _INTERPRET_DW if _INTERPRET else None)
 
 
-def _prune_by_size(configs, named_args, **_):
+def _prune_by_size(configs, named_args):
     """Drop configs whose tile is far larger than the problem (saves autotuning time).
 
     A block may exceed its dimension by less than 2x (the next power of two), with 32 as the
@@ -169,24 +227,6 @@ def _input_precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _grouped_tile(
-    pid,  # linear program id
-    num_pid_rows,  # tile rows of the output
-    num_pid_cols,  # tile columns of the output
-    GROUP_SIZE: tl.constexpr,  # tile rows per group
-):
-    """Map a linear program id to a (row block, column block) tile, GROUP_SIZE row blocks at a
-    time, so programs running together share the same column blocks of B in L2."""
-    num_pid_in_group = GROUP_SIZE * num_pid_cols
-    group_id = pid // num_pid_in_group
-    first_pid_row = group_id * GROUP_SIZE
-    group_rows = min(num_pid_rows - first_pid_row, GROUP_SIZE)  # the last group may be short
-    pid_row = first_pid_row + (pid % num_pid_in_group) % group_rows
-    pid_col = (pid % num_pid_in_group) // group_rows
-    return pid_row, pid_col
 
 
 @triton.jit
@@ -367,14 +407,24 @@ def _dw_kernel(
     tl.store(dw_ptrs, (dw + acc).to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-_AUTOTUNE = dict(key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune_by_size})
-_fwd_matmul = triton.autotune(configs=_FWD_CONFIGS, **_AUTOTUNE)(_matmul_kernel)
-_dx_matmul = triton.autotune(configs=_DX_CONFIGS, **_AUTOTUNE)(_matmul_kernel)
+def _grad_class(meta) -> tuple[str]:
+    """dW's class: fp32 master gradients for 16-bit inputs hold a wider tile in the epilogue."""
+    wide = meta["dw_ptr"].dtype == torch.float32 and meta["x_ptr"].dtype != torch.float32
+    return ("fp32-grad" if wide else "input-grad",)
+
+
+_prune_fwd = make_prune(_FWD_TABLE, "a_ptr", by_size=_prune_by_size)
+_prune_dx = make_prune(_DX_TABLE, "a_ptr", by_size=_prune_by_size)
+_prune_dw = make_prune(_DW_TABLE, "x_ptr", extra=_grad_class, by_size=_prune_by_size)
+_fwd_matmul = triton.autotune(configs=_FWD_TABLE.configs, key=["M", "N", "K"],
+                              prune_configs_by={"early_config_prune": _prune_fwd})(_matmul_kernel)
+_dx_matmul = triton.autotune(configs=_DX_TABLE.configs, key=["M", "N", "K"],
+                             prune_configs_by={"early_config_prune": _prune_dx})(_matmul_kernel)
 # Autotuning runs the kernel several times; restore the accumulated gradients after each trial.
 _dw_tuned = triton.autotune(
-    configs=_DW_CONFIGS,
+    configs=_DW_TABLE.configs,
     key=["M", "N", "K", "FROM_TABLE"],
-    prune_configs_by={"early_config_prune": _prune_by_size},
+    prune_configs_by={"early_config_prune": _prune_dw},
     restore_value=["dw_ptr", "db_ptr"],
 )(_dw_kernel)
 
@@ -405,6 +455,25 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _use_tma(tma: bool | None, device: torch.device, dtype: torch.dtype, **operands: torch.Tensor | None) -> bool:
+    """Whether to launch the TMA kernels of :mod:`.linear_tma`: on request (``tma=True``, with a
+    ValueError when an operand rules them out), or by default on Hopper when the operands allow."""
+    if tma is False:
+        return False
+    if tma is not None and tma is not True:
+        raise TypeError(f"tma must be None (automatic), True or False, got {tma!r}")
+    why = _tma.tma_problem(**operands)
+    if tma:
+        if why is None and device.type == "cuda" and arch_of(device) != "sm_90":
+            why = f"the GPU has compute capability {torch.cuda.get_device_capability(device)} (TMA is Hopper's, 9.0)"
+        if why is not None:
+            raise ValueError(f"tma=True, but the TMA kernels cannot take this launch: {why}; "
+                             "pass tma=None to fall back to the pointer kernels")
+        return True
+    return (why is None and dtype in _tma.AUTO_DTYPES and arch_of(device) == "sm_90"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
 def _launch_matmul(kernel, a, b, b_strides: tuple[int, int], c, bias, m: int, n: int, k: int) -> None:
     """Launch C[m, n] = A[m, k] B[k, n] (+ bias); b_strides are B's (stride_bk, stride_bn)."""
     if m == 0 or n == 0:
@@ -431,7 +500,7 @@ def _launch_matmul(kernel, a, b, b_strides: tuple[int, int], c, bias, m: int, n:
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
     """Y = X Wᵀ + b, fp32 accumulation, bias added in the epilogue.
 
     Args:
@@ -439,6 +508,9 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         weight: [N, K], x's dtype, any strides (read as Wᵀ in place).
         bias: [N], x's dtype, or None.
         out: optional [M, N] buffer of x's dtype (any strides) to write Y into.
+        tma: which kernel: None picks the TMA persistent kernel (:mod:`.linear_tma`) on Hopper
+            when the operands allow it, else the pointer kernel; True requires the TMA kernel
+            (ValueError naming the operand that prevents it); False takes the pointer kernel.
 
     Returns:
         Y [M, N] in x's dtype (``out`` when given).
@@ -463,18 +535,23 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     else:
         _check_out("out", out, (m, n), x.dtype)
         check_devices("linear", x=x, weight=weight, bias=bias, out=out)
+    if m and n and k and _use_tma(tma, x.device, x.dtype, x=x, weight=weight, out=out):
+        _tma.tma_matmul(x, weight, False, out, bias, m, n, k, _input_precision(x.dtype))  # B = Wᵀ, read from W [N, K]
+        return out
     # B = Wᵀ: B[k, n] = W[n, k]
     _launch_matmul(_fwd_matmul, x, weight, (weight.stride(1), weight.stride(0)), out, bias, m, n, k)
     return out
 
 
-def linear_dx(dy: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def linear_dx(dy: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None,
+              tma: bool | None = None) -> torch.Tensor:
     """p1: dX = dY W, fp32 accumulation.
 
     Args:
         dy: [M, N] fp16, bf16 or fp32, any strides.
         weight: [N, K], dy's dtype, any strides.
         out: optional [M, K] buffer of dy's dtype (any strides) to write dX into.
+        tma: the kernel choice, as for :func:`linear_fwd`.
 
     Returns:
         dX [M, K] in dy's dtype (``out`` when given).
@@ -494,13 +571,16 @@ def linear_dx(dy: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | Non
     else:
         _check_out("out", out, (m, k), dy.dtype)
         check_devices("linear", dy=dy, weight=weight, out=out)
+    if m and n and k and _use_tma(tma, dy.device, dy.dtype, dy=dy, weight=weight, out=out):
+        _tma.tma_matmul(dy, weight, True, out, None, m, k, n, _input_precision(dy.dtype))  # B = W [N, K], the GEMM's [K, N]
+        return out
     # GEMM (M, N, K) = (m, k, n); B = W: B[n, k] = W[n, k]
     _launch_matmul(_dx_matmul, dy, weight, (weight.stride(0), weight.stride(1)), out, None, m, k, n)
     return out
 
 
 def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Sequence[torch.Tensor],
-              dweight: torch.Tensor, dbias: torch.Tensor | None = None) -> None:
+              dweight: torch.Tensor, dbias: torch.Tensor | None = None, *, tma: bool | None = None) -> None:
     """p2: dW += Σ_i dY_iᵀ X_i and db += Σ_i Σ_rows dY_i, in one kernel launch.
 
     Args:
@@ -509,6 +589,8 @@ def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         dy: dY [M, N], or a sequence of dY_i [M_i, N] matching ``x``; same layout rule, x's dtype.
         dweight: [N, K] gradient accumulated into, in x's dtype or fp32, any strides.
         dbias: [N] gradient accumulated into, in x's dtype or fp32, or None to skip db.
+        tma: the kernel choice, as for :func:`linear_fwd` (every x_i and dy_i must be
+            TMA-describable for the TMA kernel; dweight and dbias may have any strides).
     """
     xs, dys = _as_list("x", x), _as_list("dy", dy)
     if isinstance(x, torch.Tensor) != isinstance(dy, torch.Tensor):
@@ -560,6 +642,11 @@ def linear_dw(x: torch.Tensor | Sequence[torch.Tensor], dy: torch.Tensor | Seque
         table = _device_table(rows, dweight.device)  # [num_mb, _MB_COLS]
         table_aligned = all(r[_MB_X] % 16 == 0 and r[_MB_DY] % 16 == 0 and r[_MB_STRIDE_XM] % 16 == 0
                             and r[_MB_STRIDE_DYM] % 16 == 0 for r in rows)
+
+    operands = {name: t for i, (xi, dyi) in enumerate(live) for name, t in ((f"x[{i}]", xi), (f"dy[{i}]", dyi))}
+    if _use_tma(tma, dweight.device, dtype, **operands):
+        _tma.tma_dw(x0, dy0, dweight, dbias, table, len(live), total_rows, n, k, _input_precision(dtype))
+        return
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_SIZE_N"]) * triton.cdiv(k, meta["BLOCK_SIZE_K"]),)

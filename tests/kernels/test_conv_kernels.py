@@ -31,6 +31,8 @@ CASES = {
     "3x3-s3-p2-d2": (1, 3, 9, 9, 5, 3, 3, 3, 2, 2),
     "3x2-mixed-asym": (1, 4, 8, 9, 5, 3, 2, (2, 1), ((0, 1), (2, 1)), (1, 2)),
     "17to18-channels": (1, 17, 5, 6, 18, 3, 3, 1, 1, 1),  # two channel chunks and two out tiles
+    "1x1-s1-flat": (2, 6, 4, 8, 5, 1, 1, 1, 0, 1),  # dW walks x and dy as flat pixel runs
+    "3x3-16x16-flat": (2, 3, 16, 16, 4, 3, 3, 1, 1, 1),  # dW walks dy as 16x16 flat runs, x gathered
 }
 CASE_IDS = list(CASES)
 
@@ -338,3 +340,22 @@ BAD_CALLS = [
 def test_bad_inputs_raise_with_the_fix(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("case,expect", [("1x1-s1-flat", (True, True)), ("3x3-16x16-flat", (True, False)),
+                                         ("3x3-s1-p1", (False, False)), ("1x1-s2", (False, False))])
+def test_dw_flat_pixel_walk_is_chosen_where_it_applies(case, expect):
+    """The image-by-image pixel walk (vector loads) is taken for contiguous dy whose OH·OW is a
+    multiple of 16, and for x only in a 1x1 stride-1 unpadded conv; the cases above run both."""
+    from twobp.kernels.conv import _dw_flat_layout
+
+    n, c, h, w, o, kh, kw, stride, padding, dilation = CASES[case]
+    oh, ow = conv2d_output_size((h, w), (kh, kw), stride=stride, padding=padding, dilation=dilation)
+    x = torch.empty(n, c, h, w)
+    dy = torch.empty(n, o, oh, ow)
+    pads = (padding, padding) if isinstance(padding, int) else padding
+    got = _dw_flat_layout(x.stride(), dy.stride(), (h, w), (oh, ow), (kh, kw), (stride, stride), pads)
+    assert got == expect
+    # channels-last dy is never flat
+    assert _dw_flat_layout(x.stride(), dy.contiguous(memory_format=torch.channels_last).stride(), (h, w),
+                           (oh, ow), (kh, kw), (stride, stride), pads)[0] is False or oh * ow == 1
