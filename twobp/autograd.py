@@ -3,27 +3,43 @@
 ``split_apply(op, owner, label, inputs, params)`` runs ``op.forward`` and wires its
 backward:
 
-* **Outside a split region** the saved sets live on the autograd node, and backward runs
-  p1 and p2 together, returning the parameter gradients to autograd. The module is then
-  exactly its torch twin under ``loss.backward()``.
-* **Inside** ``split_backward(microbatch=i)`` the sets go into the activation store under
-  ``(owner, i)``. Backward runs p1, frees the p1 set, deposits dy, and returns *no*
-  parameter gradients; :func:`twobp.backward_p2` runs p2 later.
+* **Outside a split region** the module is exactly its torch twin under autograd: backward
+  runs p1 and p2 together (``op.fused_grads``) and returns the parameter gradients.
+* **Inside** ``split_backward(microbatch=i)`` (and when some parameter trains) the p2 set
+  goes into the activation store under ``(owner, i)``. Backward runs p1 and returns input
+  gradients only; it deposits dy (or the op's partials) for :func:`twobp.backward_p2`. The
+  parameters are not inputs of the autograd node in this mode, so autograd never touches
+  their ``.grad`` or their hooks: p2 does, later.
 
-In a split region, saved tensors are held detached, so the store (not the autograd graph)
-owns their lifetime; the graph is freed by p1 as usual and there is no ``retain_graph``.
+What is saved, and how (the same in both modes, so activation checkpointing sees the same
+tensors in the forward and in its recomputation): every tensor of the p1 and p2 sets, the
+parameters and the raw inputs go through ``save_for_backward``, so autograd's version
+counters catch in-place edits before p1 as they do for torch's own ops, and non-reentrant
+``torch.utils.checkpoint`` may drop them and recompute them. The store holds the p2 set
+beyond p1; they are the same storages (views), counted once.
+
+Double backward (``create_graph=True``) outside a split region recomputes the op with
+differentiable torch ops (``op.differentiable_forward``) and differentiates that, so
+second derivatives equal torch's. Inside a split region it raises: p2 runs outside
+autograd, so there is no graph to differentiate.
+
+A forward that runs during a backward pass is a recomputation (activation checkpointing):
+it never opens a store entry, whatever split region is active.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
 from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from .ops.base import SplitOp
-from .split import current_split
-from .store import Entry
+from .split import _SplitState, current_split
+from .store import Entry, EntryState
 
 __all__ = ["split_apply"]
 
@@ -32,63 +48,142 @@ def _detached(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v.detach() if v is not None else None) for k, v in saved.items()}
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _SplitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op: SplitOp, owner: Hashable, label: str, n_inputs: int, *tensors):  # type: ignore[override]
+    def forward(ctx, op: SplitOp, owner: Hashable, label: str, n_inputs: int, split: _SplitState | None,
+                p_needs: tuple[bool, ...], real_params: tuple, *tensors):  # type: ignore[override]
+        if split is not None:
+            tensors = tensors[:-1]  # the anchor (see split_apply)
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         in_needs = tuple(t is not None and t.requires_grad for t in inputs)
-        p_needs = tuple(p is not None and p.requires_grad for p in params)
-        out, p1, p2 = op.forward(inputs, params, save_p1=any(in_needs), save_p2=any(p_needs))
+        # ops read requires_grad off the parameters to decide what p2 needs: give them the
+        # real ones (grad mode is off in here, so nothing records a graph)
+        out, p1, p2 = op.forward(inputs, real_params if split is not None else params,
+                                 save_p1=any(in_needs), save_p2=any(p_needs))
         p1, p2 = _detached(p1), _detached(p2)
-        ctx.op, ctx.params, ctx.in_needs, ctx.p_needs = op, params, in_needs, p_needs
-        split = current_split()
-        if split is not None and any(p_needs):
+        ctx.op, ctx.in_needs, ctx.p_needs = op, in_needs, p_needs
+        ctx.n_in, ctx.n_params = n_inputs, len(params)
+        ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
+        ctx.entry = None
+        if split is not None:
             ctx.entry = split.store.open(owner=owner, label=label, microbatch=split.microbatch, op=op,
-                                         params=params, param_mask=p_needs, p1=p1, p2=p2)
-        else:
-            # Plain autograd semantics: saved through save_for_backward, so version checks,
-            # retain_graph and torch.distributed.pipelining's split backward all work.
-            ctx.entry = None
-            ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
-            ctx.save_for_backward(*p1.values(), *p2.values())
+                                         params=real_params, param_mask=p_needs, p2=p2)
+            split.opened.append(ctx.entry)
+            # An output that never reaches a loss has its graph freed without a backward:
+            # its entry goes with it (its weight gradient is zero; there is nothing to defer).
+            weakref.finalize(ctx, _drop_if_unused, ctx.entry)
+        ctx.save_for_backward(*p1.values(), *p2.values(), *params, *inputs)
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         op: SplitOp = ctx.op
         entry: Entry | None = ctx.entry
-        n_in = len(ctx.in_needs)
+        n1, n2 = len(ctx.p1_keys), len(ctx.p2_keys)
+        saved = ctx.saved_tensors
+        p1 = dict(zip(ctx.p1_keys, saved[:n1]))
+        p2 = dict(zip(ctx.p2_keys, saved[n1:n1 + n2]))
+        params = tuple(saved[n1 + n2:n1 + n2 + ctx.n_params])
+        inputs = tuple(saved[n1 + n2 + ctx.n_params:])
+        head = (None,) * 7
         if entry is not None:
-            p1 = entry.take_p1()
-            in_needs = ctx.in_needs
-        else:
-            saved = ctx.saved_tensors
-            n1 = len(ctx.p1_keys)
-            p1 = dict(zip(ctx.p1_keys, saved[:n1]))
-            p2 = dict(zip(ctx.p2_keys, saved[n1:]))
-            # autograd.grad(..., inputs=...) may ask for a subset: compute only that
-            in_needs = tuple(ctx.needs_input_grad[4:4 + n_in])
-        if entry is None:
-            # normal mode: one fused backward, fresh gradients for autograd to accumulate
-            p_needs = tuple(ctx.needs_input_grad[4 + n_in:])
-            dx, pgrads = op.fused_grads(dy, p1, p2, ctx.params, in_needs, p_needs)
-            return (None, None, None, None, *dx, *pgrads)
-        dx, partials = op.split_input_grads(dy, p1, ctx.params, in_needs, ctx.p_needs)
-        del p1
-        if partials is None:
-            # p2 happens later: keep dy for it, row-contiguous so batched p2 reads it in place.
-            entry.deposit_dy(dy.detach().contiguous())
-        else:
-            entry.deposit_partials(_detached(partials))
-        return (None, None, None, None, *dx, *((None,) * len(ctx.params)))
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{entry.label}: double backward (create_graph=True) through a twobp.split_backward "
+                    "region is not supported: p2 computes the weight gradients outside autograd, so "
+                    "there is no graph to differentiate. Run this forward outside split_backward for "
+                    "higher-order gradients.")
+            entry.begin_p1()
+            dx, partials = op.split_input_grads(dy, p1, params, ctx.in_needs, ctx.p_needs)
+            if partials is None:
+                # p2 happens later: keep dy for it, row-contiguous so batched p2 reads it in place.
+                entry.deposit_dy(dy.detach().contiguous())
+            else:
+                entry.deposit_partials(_detached(partials))
+            return (*head, *dx, *((None,) * ctx.n_params), None)
+        # autograd.grad(..., inputs=...) may ask for a subset: compute only that
+        in_needs = tuple(ctx.needs_input_grad[7:7 + ctx.n_in])
+        p_needs = tuple(ctx.needs_input_grad[7 + ctx.n_in:])
+        if torch.is_grad_enabled():  # create_graph=True: a backward built of differentiable ops
+            return (*head, *_differentiable_grads(op, dy, inputs, params, in_needs, p_needs))
+        dx, pgrads = op.fused_grads(dy, p1, p2, params, in_needs, p_needs)
+        return (*head, *dx, *pgrads)
+
+
+def _drop_if_unused(entry: Entry) -> None:
+    if entry.state is EntryState.FORWARD:
+        entry.close()
+
+
+def _differentiable_grads(op: SplitOp, dy: Tensor, inputs: tuple, params: tuple,
+                          in_needs: tuple[bool, ...], p_needs: tuple[bool, ...]) -> list[Tensor | None]:
+    """Gradients of every input and parameter whose flag is set, as a differentiable
+    function of them and of dy: the op recomputed in plain torch ops, then autograd."""
+    wanted = [t for t, need in zip((*inputs, *params), (*in_needs, *p_needs)) if need]
+    with torch.enable_grad():
+        out = op.differentiable_forward(inputs, params)
+        got = list(torch.autograd.grad(out, wanted, dy, create_graph=True, allow_unused=True))
+    return [got.pop(0) if need else None for need in (*in_needs, *p_needs)]
 
 
 def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tensor],
                 params: Sequence[Tensor | None]) -> Tensor:
     """Apply ``op`` to ``inputs`` with ``params``, with the split backward wired in."""
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (*inputs, *params))
-    if not needs_graph:
-        out, _, _ = op.forward(tuple(inputs), tuple(params), save_p1=False, save_p2=False)
+    params = tuple(params)
+    p_needs = tuple(p is not None and p.requires_grad for p in params)
+    split = current_split()
+    if not torch.is_grad_enabled():
+        if split is not None and any(p_needs) and _under_reentrant_checkpoint():
+            _warn_split_off(label)
+        out, _, _ = op.forward(tuple(inputs), params, save_p1=False, save_p2=False)
         return out
-    return _SplitFunction.apply(op, owner, label, len(inputs), *inputs, *params)
+    if not any(t is not None and t.requires_grad for t in (*inputs, *params)):
+        out, _, _ = op.forward(tuple(inputs), params, save_p1=False, save_p2=False)
+        return out
+    if split is not None and any(p_needs) and not _in_backward():
+        # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
+        # views share their version counters, so in-place edits are still caught. The
+        # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
+        # input needs a gradient (a first layer), so that p1 runs and readies p2.
+        args = tuple(p.detach() if p is not None else None for p in params)
+        return _SplitFunction.apply(op, owner, label, len(inputs), split, p_needs, params, *inputs, *args,
+                                    _anchor())
+    return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *params)
+
+
+def _under_reentrant_checkpoint() -> bool:
+    """Whether this forward runs inside torch.utils.checkpoint's reentrant CheckpointFunction
+    (it runs the forward under no_grad and the real one again inside backward)."""
+    f = sys._getframe(2)
+    for _ in range(40):
+        if f is None:
+            return False
+        if f.f_code.co_name == "forward" and f.f_code.co_filename.endswith(("utils/checkpoint.py",
+                                                                            "utils\\checkpoint.py")):
+            return True
+        f = f.f_back
+    return False
+
+
+def _anchor() -> Tensor:
+    return torch.empty(0, requires_grad=True)
+
+
+_warned: set[str] = set()
+
+
+def _warn_split_off(label: str) -> None:
+    if label in _warned:
+        return
+    _warned.add(label)
+    warnings.warn(
+        f"twobp: {label} ran its forward inside split_backward under activation checkpointing with "
+        "use_reentrant=True, which recomputes the forward inside backward: its weight gradients will "
+        "not be deferred to p2 but computed with dX (correct, but no 2BP). Use "
+        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) to keep the split.",
+        UserWarning, stacklevel=4)

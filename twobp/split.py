@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections import defaultdict
 from typing import Iterable, Iterator
 
@@ -27,11 +28,12 @@ _local = threading.local()
 
 
 class _SplitState:
-    __slots__ = ("microbatch", "store")
+    __slots__ = ("microbatch", "store", "opened")
 
     def __init__(self, microbatch: int, store: ActivationStore):
         self.microbatch = microbatch
         self.store = store
+        self.opened: list[Entry] = []  # entries this region's forwards opened
 
 
 def current_split() -> _SplitState | None:
@@ -43,15 +45,27 @@ def current_split() -> _SplitState | None:
 def split_backward(*, microbatch: int, store: ActivationStore | None = None) -> Iterator[None]:
     """Run forwards whose backward will be p1 only; their p2 waits for :func:`backward_p2`.
 
-    ``microbatch`` keys the saved tensors; it must be an int, unique among the
-    forwards of one module that are pending at the same time.
+    ``microbatch`` keys the saved tensors; ``backward_p2(..., microbatches=[i])`` runs the
+    p2 of every forward made under ``i`` (a module run several times under one id, as
+    with shared layers, accumulates all its calls).
+
+    If the block raises, the store entries its forwards opened are dropped again (their
+    backward can never run), so the next step starts clean.
     """
     if isinstance(microbatch, bool) or not isinstance(microbatch, int):
         raise TypeError(f"microbatch must be an int, got {type(microbatch).__name__} {microbatch!r}")
+    if store is not None and not isinstance(store, ActivationStore):
+        raise TypeError(f"store must be a twobp.ActivationStore, got {type(store).__name__}")
     prev = current_split()
-    _local.state = _SplitState(microbatch, store or default_store())
+    state = _SplitState(microbatch, store or default_store())
+    _local.state = state
     try:
         yield
+    except BaseException:
+        for e in state.opened:
+            if e.state is EntryState.FORWARD:
+                e.close()
+        raise
     finally:
         _local.state = prev
 
@@ -67,41 +81,60 @@ def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
 def pending_microbatches(module: nn.Module, store: ActivationStore | None = None) -> list[int]:
     """Micro-batches with p2 ready (p1 done) for some twobp module inside ``module``."""
     store = store or default_store()
-    owners = set(module.modules())
-    return sorted({e.microbatch for e in store.entries(owners) if e.state is EntryState.READY})
+    return sorted({e.microbatch for e in store.entries(module.modules()) if e.state is EntryState.READY})
 
 
 @torch.no_grad()
-def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | None = None, *,
+def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | None = None, *,
                 batched: bool = True, store: ActivationStore | None = None) -> int:
     """Run the deferred weight gradients (p2) of every twobp module inside ``module_or_model``.
 
-    ``microbatches``: which micro-batches to run (default: every ready one).
-    ``batched``: one kernel launch per module over all the micro-batches (dW = Σ_i dY_iᵀ X_i
-    as one reduction), instead of one launch per micro-batch. Results are equal up to
-    floating-point summation order.
+    ``microbatches``: which micro-batches to run, an int or several (default: every ready
+    one). ``batched``: one kernel launch per module over all the micro-batches
+    (dW = Σ_i dY_iᵀ X_i as one reduction), instead of one launch per micro-batch. Results
+    are equal up to floating-point summation order.
 
     Accumulates into each parameter's ``.grad`` (allocated as zeros when None) and frees
-    the entries. Returns the number of (module, micro-batch) entries processed.
+    the entries. Returns the number of module calls processed.
 
     Raises ``RuntimeError`` naming the fix when a named micro-batch has nothing pending
     although the module has trainable twobp weights (a module without any owes no p2, so
-    naming its micro-batches is fine), or when its p1 has not run yet (p2 needs the dy p1
-    deposits).
+    naming its micro-batches is fine), or when a named micro-batch's p1 has not run yet (p2
+    needs the dy p1 deposits). With ``microbatches=None`` it runs every ready entry and
+    warns about forwards still waiting for their backward (raising when nothing is ready
+    but something waits). Warns (and returns 0) when nothing at all is pending for a
+    model with trainable twobp weights: its forward probably ran outside
+    ``split_backward``, so its gradients are already in ``.grad``. A forward whose output
+    never reaches a loss leaves nothing behind once that output is garbage.
     """
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"backward_p2 takes an nn.Module, got {type(module_or_model).__name__}")
+    if isinstance(microbatches, bool) or (microbatches is not None and not isinstance(microbatches, int)
+                                          and not isinstance(microbatches, Iterable)):
+        raise TypeError(f"backward_p2: microbatches must be an int, an iterable of ints or None, "
+                        f"got {microbatches!r}")
+    if isinstance(microbatches, int):
+        microbatches = [microbatches]
     store = store or default_store()
-    owners = set(module_or_model.modules())
+    owners = list(module_or_model.modules())
     wanted = None if microbatches is None else sorted(set(microbatches))
+    if wanted is not None and any(isinstance(mb, bool) or not isinstance(mb, int) for mb in wanted):
+        raise TypeError(f"backward_p2: micro-batch ids must be ints, got {wanted!r}")
     entries = store.entries(owners, wanted)
     waiting = [e for e in entries if e.state is EntryState.FORWARD]
+    ready = [e for e in entries if e.state is EntryState.READY]
+    if waiting and (wanted is not None or not ready):
+        e = waiting[0]
+        raise RuntimeError(
+            f"backward_p2 for micro-batch {e.microbatch} of {e.label} before its p1: run the "
+            "backward of that micro-batch's loss (or output) first")
+    if waiting:  # microbatches=None: run what is ready, say what still waits
+        labels = sorted({f"{e.label} (micro-batch {e.microbatch})" for e in waiting})
+        warnings.warn(
+            f"backward_p2: {len(waiting)} split forward(s) of {type(module_or_model).__name__} have had no "
+            f"backward yet, so their p2 still waits: {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}",
+            UserWarning, stacklevel=3)
     if wanted is not None:
-        if waiting:
-            e = waiting[0]
-            raise RuntimeError(
-                f"backward_p2 for micro-batch {e.microbatch} of {e.label} before its p1: run the "
-                "backward of that micro-batch's loss (or output) first")
         missing = sorted(set(wanted) - {e.microbatch for e in entries})
         if missing and _has_deferred_weights(module_or_model):
             have = pending_microbatches(module_or_model, store)
@@ -109,10 +142,14 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | None =
                 f"backward_p2: nothing pending for micro-batch(es) {missing} in "
                 f"{type(module_or_model).__name__}; pending: {have or 'none'}. Was the forward run "
                 "inside twobp.split_backward(microbatch=...), and was its p2 already run?")
-    ready = [e for e in entries if e.state is EntryState.READY]
+    elif not entries and _has_deferred_weights(module_or_model):
+        warnings.warn(
+            f"backward_p2: nothing is pending for {type(module_or_model).__name__}: no forward of it ran "
+            "inside twobp.split_backward since the last p2, so there is no deferred gradient to compute "
+            "(a forward outside the region already put its gradients in .grad).", UserWarning, stacklevel=3)
     by_owner: dict[int, list[Entry]] = defaultdict(list)
     for e in ready:
-        by_owner[id(e.owner)].append(e)
+        by_owner[e.owner_id].append(e)
     for group in by_owner.values():
         _run_p2(group, batched)
     return len(ready)

@@ -1,28 +1,42 @@
-"""The saved-activation store: what p1 and p2 need, with explicit lifetimes.
+"""The saved-activation store: what p2 needs, with an explicit lifetime.
 
 2BP changes *when* a layer's saved tensors may die. Plain autograd frees everything a
 node saved once its backward has run. With the backward split in two:
 
-* **forward** records two sets of tensors per (module, micro-batch): what p1 (dX) needs
-  and what p2 (dW) needs. A tensor needed by both is listed in both and counted once.
-* **p1** takes its set, computes dX, and drops its references; it then deposits dy, the
-  gradient of the module's output, next to the p2 set. The entry is now *ready*.
-* **p2** takes the ready entry (x-like tensors and dy), accumulates into ``.grad`` and
-  removes the entry. At the end of a step the store must be empty; whatever is left is a
-  leak and :meth:`ActivationStore.begin_step` reports it by raising :class:`LeakError`.
+* **forward** saves what p1 (dX) needs on the autograd node, as plain autograd does (so
+  version checks and activation checkpointing work unchanged), and records here what p2
+  (dW) needs, per module call: an *entry*.
+* **p1** computes dX from the node's tensors, which autograd then frees, and deposits dy,
+  the gradient of the module's output, next to the p2 set (or, for ops whose parameter
+  gradients are cheap reductions, the reduced *partials* instead of the p2 set and dy).
+  The entry is now *ready*.
+* **p2** takes the ready entry, accumulates into ``.grad`` and removes the entry. At the
+  end of a step the store must be empty; whatever is left is a leak and
+  :meth:`ActivationStore.begin_step` reports it by raising :class:`LeakError`.
+
+A module may run several times under one micro-batch (a weight shared by layers, ALBERT):
+each call gets its own entry, and p2 of that micro-batch accumulates all of them.
 
 Byte accounting counts the *storages* kept alive, each once (a view keeps its whole
 storage alive, so that is what memory pays for). ``live_bytes`` is updated on every
 transition; ``peak_bytes`` is the maximum since the last :meth:`reset_peak`.
 
-Entries are keyed by ``(owner, microbatch)`` where ``owner`` is the module (held weakly
-through its id and a label; the entry itself keeps the parameters it accumulates into).
+Owners (the modules) are held **weakly**: the store never keeps a module alive, and when
+a module is garbage-collected its pending entries are dropped with it (nobody can read
+its gradients any more). An entry holds the parameters it accumulates into (so tied
+parameters work) and the saved tensors, until p2 or until its owner dies.
+
+In-place edits are caught: a tensor of the p2 set, or a parameter, modified in place
+between the forward and p2 (an ``optimizer.step()`` before ``backward_p2``, say) makes p2
+raise instead of computing a gradient of values that no longer exist.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
@@ -42,15 +56,18 @@ __all__ = [
     "memory_report",
 ]
 
+_RECOVER = ("To recover, drop what is pending with twobp.default_store().clear() (or the "
+            "executor's store) and zero the gradients; the step's deferred gradients are lost.")
+
 
 class LeakError(RuntimeError):
     """Saved activations are still held when a new step starts."""
 
 
 class EntryState(enum.Enum):
-    FORWARD = "forward"  # p1 has not run yet: holds p1 and p2 sets
-    READY = "ready"  # p1 ran: holds the p2 set and dy
-    CLOSED = "closed"  # p2 ran (or nothing was left to do): holds nothing
+    FORWARD = "forward"  # p1 has not run yet: holds the p2 set
+    READY = "ready"  # p1 ran: holds the p2 set and dy (or the partials)
+    CLOSED = "closed"  # p2 ran (or the entry was dropped): holds nothing
 
 
 def record_versions(*groups: dict[str, Tensor] | None) -> dict[int, int]:
@@ -63,12 +80,15 @@ def check_versions(group: dict[str, Tensor], versions: dict[int, int], where: st
         if t is not None and id(t) in versions and t._version != versions[id(t)]:
             raise RuntimeError(
                 f"saved tensor {name!r} of {where} was modified in place after forward; 2BP keeps "
-                "it until p2, so clone it before editing it in place")
+                "it until p2, so clone it before editing it in place. " + _RECOVER)
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes())
+
+
+_seq = itertools.count()
 
 
 class Entry:
@@ -77,34 +97,40 @@ class Entry:
     Created by :meth:`ActivationStore.open` during forward. ``op`` is the split op that
     will consume the tensors; ``params`` are the parameters p2 accumulates into (the
     entry holds them so tied parameters work); ``param_mask`` says which of them need a
-    gradient.
+    gradient. ``owner`` is the module, held weakly (None once it is gone).
     """
 
-    __slots__ = ("store", "owner", "label", "microbatch", "op", "params", "param_mask", "state",
-                 "p1", "p2", "dy", "_keys", "_versions")
+    __slots__ = ("store", "_owner", "owner_id", "label", "microbatch", "op", "params", "param_mask", "state",
+                 "p2", "dy", "seq", "_keys", "_versions", "_param_versions")
 
     def __init__(self, store: "ActivationStore", owner: Hashable, label: str, microbatch: int,
-                 op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool],
-                 p1: dict[str, Tensor], p2: dict[str, Tensor]):
+                 op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]):
         self.store = store
-        self.owner = owner
+        try:
+            self._owner = weakref.ref(owner, store._owner_died)
+        except TypeError:  # not weak-referenceable (a plain key): held as it is
+            self._owner = (lambda o=owner: o)
+        self.owner_id = id(owner)
         self.label = label
         self.microbatch = microbatch
         self.op = op
         self.params = tuple(params)
         self.param_mask = tuple(param_mask)
         self.state = EntryState.FORWARD
-        self.p1: dict[str, Tensor] | None = p1
         self.p2: dict[str, Tensor] | None = p2
         self.dy: Tensor | None = None
+        self.seq = next(_seq)
         self._keys: set[tuple[int, int]] = set()
-        self._versions = record_versions(p1, p2)
+        self._versions = record_versions(p2)
+        self._param_versions = [p._version if p is not None else None for p in self.params]
+
+    @property
+    def owner(self) -> Any:
+        """The module this entry belongs to, or None once it was garbage-collected."""
+        return self._owner()
 
     def tensors(self) -> list[Tensor]:
-        held = []
-        for group in (self.p1, self.p2):
-            if group:
-                held.extend(t for t in group.values() if t is not None)
+        held = [t for t in (self.p2 or {}).values() if t is not None]
         if self.dy is not None:
             held.append(self.dy)
         return held
@@ -118,18 +144,14 @@ class Entry:
             seen[k] = k[1]
         return sum(seen.values())
 
-    def take_p1(self) -> dict[str, Tensor]:
-        """Hand the p1 set to the caller and drop the entry's references to it."""
+    def begin_p1(self) -> None:
+        """p1 is about to run for this entry: it must be the first time."""
         if self.state is not EntryState.FORWARD:
             raise RuntimeError(
-                f"p1 of {self.label} micro-batch {self.microbatch} ran twice; backward through a "
-                "split region may run only once (no retain_graph)")
-        p1 = self.p1 or {}
-        check_versions(p1, self._versions, f"{self.label} micro-batch {self.microbatch} (p1)")
-        with self.store._lock:
-            self.p1 = None
-            self.store._refresh(self)
-        return p1
+                f"p1 of {self.label} micro-batch {self.microbatch} ran a second time: the backward of a "
+                "forward run inside twobp.split_backward may run only once (retain_graph=True and "
+                "backward twice through the same split forward are not supported: the second pass "
+                "would deposit its dy twice). Run such a forward outside split_backward.")
 
     def deposit_dy(self, dy: Tensor) -> None:
         """Finish p1: keep dy for p2; the entry becomes ready."""
@@ -143,18 +165,27 @@ class Entry:
         replace the p2 set (and dy is not kept); the entry becomes ready."""
         with self.store._lock:
             self.p2 = partials
+            self._versions = {}
             self.dy = None
             self.state = EntryState.READY
             self.store._refresh(self)
 
-    def take_p2(self) -> tuple[Tensor, dict[str, Tensor]]:
+    def take_p2(self) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Return (dy, p2 set) of a ready entry, checked for in-place modification."""
         if self.state is not EntryState.READY:
             raise RuntimeError(
                 f"p2 of {self.label} micro-batch {self.microbatch} asked for before its p1: run the "
                 "backward of that micro-batch's output first (p2 needs the dy that p1 deposits)")
         p2 = self.p2 or {}
-        check_versions(p2, self._versions, f"{self.label} micro-batch {self.microbatch} (p2)")
+        where = f"{self.label} micro-batch {self.microbatch} (p2)"
+        check_versions(p2, self._versions, where)
+        for i, (p, v) in enumerate(zip(self.params, self._param_versions)):
+            if p is not None and self.param_mask[i] and p._version != v:
+                raise RuntimeError(
+                    f"parameter {i} (shape {tuple(p.shape)}) of {where} was modified in place after its "
+                    "forward (an optimizer.step() or a weight edit before twobp.backward_p2?): its deferred "
+                    "gradient would belong to a value that no longer exists. Run backward_p2 before "
+                    "stepping or editing the parameters. " + _RECOVER)
         return self.dy, p2
 
     def close(self) -> None:
@@ -178,7 +209,7 @@ class MemoryReport:
 
     ``live_bytes``: storages held right now, each counted once.
     ``peak_bytes``: the maximum of ``live_bytes`` since the last reset.
-    ``entries``: what is held, per (module, micro-batch).
+    ``entries``: what is held, per module call and micro-batch.
     """
 
     live_bytes: int
@@ -209,7 +240,7 @@ class ActivationStore:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._entries: dict[tuple[Hashable, int], Entry] = {}
+        self._entries: dict[int, Entry] = {}  # seq -> entry, in creation order
         # storage key -> number of entries holding it; live bytes count each storage once
         self._refcount: dict[tuple[int, int], int] = {}
         self._live = 0
@@ -217,21 +248,19 @@ class ActivationStore:
 
     # ---- lifetime transitions -------------------------------------------------------
     def open(self, *, owner: Hashable, label: str, microbatch: int, op: Any,
-             params: Sequence[Tensor | None], param_mask: Sequence[bool],
-             p1: dict[str, Tensor], p2: dict[str, Tensor]) -> Entry:
-        """Record a forward's saved tensors under ``(owner, microbatch)``."""
-        key = (owner, microbatch)
+             params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]) -> Entry:
+        """Record a forward's p2 set under ``(owner, microbatch)`` (one more entry if that
+        module already ran under this micro-batch: p2 accumulates all of them)."""
         with self._lock:
-            old = self._entries.get(key)
-            if old is not None:
-                raise RuntimeError(
-                    f"{label} ran forward twice under micro-batch {microbatch} before its p2 "
-                    f"(state: {old.state.value}). Use a distinct micro-batch id per forward, or run "
-                    f"twobp.backward_p2(..., microbatches=[{microbatch}]) first.")
-            entry = Entry(self, owner, label, microbatch, op, params, param_mask, p1, p2)
-            self._entries[key] = entry
+            entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
+            self._entries[entry.seq] = entry
             self._refresh(entry)
             return entry
+
+    def _owner_died(self, ref: weakref.ref) -> None:
+        with self._lock:
+            for e in [e for e in self._entries.values() if e._owner is ref]:
+                self._close(e)
 
     def _refresh(self, entry: Entry) -> None:
         new = {_storage_key(t) for t in entry.tensors()}
@@ -261,19 +290,28 @@ class ActivationStore:
             for k in entry._keys:
                 self._release(k)
             entry._keys = set()
-            entry.p1 = entry.p2 = entry.dy = None
+            entry.p2 = entry.dy = None
+            entry.params = ()
             entry.state = EntryState.CLOSED
-            self._entries.pop((entry.owner, entry.microbatch), None)
+            self._entries.pop(entry.seq, None)
 
     # ---- queries ----------------------------------------------------------------------
     def entries(self, owners: Iterable[Hashable] | None = None,
                 microbatches: Iterable[int] | None = None) -> list[Entry]:
-        """Entries (any state) of the given owners and micro-batches, in insertion order."""
-        own = None if owners is None else set(owners)
+        """Entries (any state) of the given owners and micro-batches, in creation order."""
+        own = None if owners is None else {id(o) for o in owners}
         mbs = None if microbatches is None else set(microbatches)
         with self._lock:
-            return [e for (o, mb), e in self._entries.items()
-                    if (own is None or o in own) and (mbs is None or mb in mbs)]
+            out = [e for e in self._entries.values()
+                   if (own is None or e.owner_id in own) and (mbs is None or e.microbatch in mbs)]
+        # an id may outlive its module and be reused: keep entries whose owner is really there
+        return [e for e in out if own is None or e.owner is not None]
+
+    def held_storages(self) -> dict[tuple[int, int], int]:
+        """``{(data_ptr, nbytes): number of entries holding it}`` for every storage held now
+        (a snapshot; for meters that count storages shared with other holders once)."""
+        with self._lock:
+            return dict(self._refcount)
 
     @property
     def live_bytes(self) -> int:
@@ -306,8 +344,8 @@ class ActivationStore:
         if self._entries:
             raise LeakError(
                 "saved activations leaked from the previous step; run twobp.backward_p2(model) "
-                "for pending p2, and backward for every split forward, before the next step "
-                "(or call clear() to drop them):\n" + str(self.report()))
+                "for pending p2, and backward for every split forward, before the next step. "
+                + _RECOVER + "\n" + str(self.report()))
         self.reset_peak()
 
     def clear(self) -> None:

@@ -374,8 +374,11 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     if cfg.measure_memory:
         for c in timed:
             runner = runners[c]
-            store = runner.ex.store if isinstance(runner, _OursRunner) else twobp.default_store()
-            with SavedActivationMeter(store) as meter:
+            ours = isinstance(runner, _OursRunner)
+            params = list(runner.ex.parameters()) if ours else [p for st in runner.stages
+                                                                 for p in st.submod.parameters()]
+            store = runner.ex.store if ours else twobp.default_store()
+            with SavedActivationMeter(store, exclude=params) as meter:
                 run(c, _Timer())
             peaks[c] = meter.peak_bytes
     for c in timed:

@@ -39,13 +39,16 @@ class SavedActivationMeter:
     """``with SavedActivationMeter(store) as meter: ...``; then ``meter.peak_bytes``.
 
     ``store``: the twobp :class:`~twobp.store.ActivationStore` to include (None: autograd
-    only). Saved tensors packed inside the block are tracked until autograd frees them,
-    even after the block ends; ``peak_bytes`` is the largest union of live storages seen
-    at any pack or free.
+    only). ``exclude``: tensors whose storages are not activations (the model's
+    parameters, which ops save for their input gradient); they are never counted.
+    Saved tensors packed inside the block are tracked until autograd frees them, even
+    after the block ends; ``peak_bytes`` is the largest union of live storages seen at
+    any pack or free.
     """
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, exclude=()):
         self.store = store
+        self._exclude = {_key(t) for t in exclude}
         self._live: dict[tuple[int, int], int] = {}  # storage -> saved tensors alive on it
         self.peak_bytes = 0
         self._hooks = None
@@ -60,6 +63,8 @@ class SavedActivationMeter:
         if t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
             return t
         k = _key(t)
+        if k in self._exclude:
+            return t
         self._live[k] = self._live.get(k, 0) + 1
         packed = _Packed(t)
         weakref.finalize(packed, self._release, k)

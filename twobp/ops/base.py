@@ -60,6 +60,14 @@ class SplitOp(abc.ABC):
                     grads: Sequence[Tensor | None]) -> None:
         """p2: accumulate dW over the micro-batches given into ``grads`` (None: skip that one)."""
 
+    def differentiable_forward(self, inputs: tuple[Tensor, ...], params: tuple[Tensor | None, ...]) -> Tensor:
+        """The output as a differentiable function of inputs and params (plain torch ops),
+        for double backward (``create_graph=True``) outside a split region."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no differentiable_forward, so double backward "
+            "(create_graph=True) through it is not supported; compute higher-order gradients "
+            "through the torch module instead (twobp.revert)")
+
     def split_input_grads(self, dy: Tensor, saved: Saved, params: tuple[Tensor | None, ...],
                           needs: tuple[bool, ...], p_needs: tuple[bool, ...]
                           ) -> tuple[tuple[Tensor | None, ...], Saved | None]:

@@ -260,6 +260,10 @@ class LayerNormOp(SplitOp):
         p2 = dict(saved) if save_p2 and _needs_grad(weight) else {}
         return y.reshape(x.shape), p1, p2
 
+    def differentiable_forward(self, inputs, params):
+        x = inputs[0]
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), *params, self.eps)
+
     def split_input_grads(self, dy, saved, params, needs, p_needs):
         if _EAGER not in saved:
             return super().split_input_grads(dy, saved, params, needs, p_needs)
@@ -350,6 +354,10 @@ class RMSNormOp(SplitOp):
         p1 = saved if save_p1 else {}
         p2 = dict(saved) if save_p2 else {}
         return y.reshape(x.shape), p1, p2
+
+    def differentiable_forward(self, inputs, params):
+        x = inputs[0]
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), params[0], self.eps)
 
     def input_grads(self, dy, saved, params, needs):
         weight = params[0]
