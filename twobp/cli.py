@@ -75,7 +75,8 @@ def _parse_variants(text: str):
         if name not in SCHEDULE_NAMES:
             raise argparse.ArgumentTypeError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
         if name in ("zb-h1", "auto") and not twobp:
-            raise argparse.ArgumentTypeError(f"{name} places P2 actions and needs 2BP: write {name}-2bp")
+            raise argparse.ArgumentTypeError(f"{name} places the P2 (weight-gradient) actions, so it needs 2BP: "
+                                             f"write {name}-2bp")
         out.append(Variant(name, twobp))
     if not out:
         raise argparse.ArgumentTypeError("no schedule given")
@@ -140,6 +141,10 @@ def _job_main(args: argparse.Namespace) -> int:
                         threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,
                         overlap_steps=args.overlap_steps,
                         out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet)
+        cfg.preflight()
+        if args.json:
+            from .train import _check_writable
+            _check_writable("--json", __import__("pathlib").Path(args.json).resolve().parent)
     except ValueError as e:
         raise SystemExit(f"twobp {args.job}: {e}")
     import torch

@@ -112,11 +112,74 @@ class JobConfig:
                              f"{torch.cuda.device_count()} visible; use --device cpu or fewer --stages")
         if not self.variants:
             raise ValueError("variants is empty: give at least one schedule")
+        for name in ("lr", "timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (name == "timeout" and v == 0):
+                raise ValueError(f"--{name} must be a finite number {'> 0' if name == 'timeout' else '>= 0'}, "
+                                 f"got {v!r}")
+
+    def preflight(self) -> None:
+        """Every check that can fail before a rank is spawned, each a one-line ValueError
+        naming the fix: model and preset, schedules against stages, chunks and
+        micro-batches, blocks against stages, tied weights across ranks, the resume
+        folder, and whether --out / --checkpoint can be written."""
+        from . import models
+        from .pipeline import SCHEDULE_NAMES, make_schedule
+        from .pipeline.partition import SharedParameterError, balance, check_shared_parameters
+
+        overrides = {"tie_embeddings": self.tie_embeddings} if self.model == "llama" else {}
+        if self.tie_embeddings and self.model != "llama":
+            raise ValueError(f"--tie-embeddings is for llama models, not {self.model}")
+        try:
+            model = models.build(self.model, self.preset, device="meta", **overrides)
+        except ValueError as e:
+            raise ValueError(f"--model {self.model} --preset {self.preset}: {e}") from None
+        blocks = model.blocks()
+        need = self.stages * self.chunks
+        if len(blocks) < need:
+            raise ValueError(f"{self.model}/{self.preset} has {len(blocks)} blocks, fewer than --stages x --chunks "
+                             f"= {need}: use at most {len(blocks)} stages (or a bigger preset)")
+        for v in self.variants:
+            if v.schedule not in SCHEDULE_NAMES:
+                raise ValueError(f"unknown schedule {v.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+            if v.schedule == "auto":
+                continue  # built from measured costs at run time; its checks are the ones below
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # too few micro-batches only warns; the run says so too
+                make_schedule(v.schedule, stages=self.stages, microbatches=self.microbatches, twobp=v.twobp,
+                              chunks=self.chunks, validate_result=False)
+        try:
+            check_shared_parameters(blocks, balance(len(blocks), need), ranks=self.stages)
+        except SharedParameterError as e:
+            raise ValueError(f"{e} (--tie-embeddings with --stages {self.stages}: use --stages 1 or untie)") \
+                from None
+        if self.resume:
+            folder = Path(self.resume)
+            if not folder.is_dir() or not any(folder.glob("stage-*.pt")):
+                raise ValueError(f"--resume {self.resume}: no stage-*.pt files there; give a folder a previous "
+                                 "--checkpoint wrote")
+        for flag, folder in (("--out", self.out), ("--checkpoint", self.checkpoint)):
+            if folder:
+                _check_writable(flag, Path(folder))
 
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
         return "cuda" if torch.cuda.device_count() >= self.stages else "cpu"
+
+
+def _check_writable(flag: str, folder: Path) -> None:
+    """Fail now, not after training, when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".twobp-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose another folder") \
+            from None
 
 
 @dataclass
@@ -284,8 +347,12 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
 
 
 def run_job(cfg: JobConfig) -> list[VariantResult]:
-    """Run every variant of ``cfg``; returns rank 0's results (empty on other torchrun ranks)."""
+    """Run every variant of ``cfg``; returns rank 0's results (empty on other torchrun ranks).
+
+    Raises ``ValueError`` from :meth:`JobConfig.preflight` before any rank starts."""
     from .pipeline import init_from_env, spawn
+
+    cfg.preflight()
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"

@@ -188,3 +188,22 @@ def run_overlap(rank: int, world: int, seed: int, n: int, steps: int, name: str,
             "params": {k: p.detach().clone() for k, p in ex.named_parameters()},
         }
     return out
+
+
+def train_forever(rank: int, world: int, pid_dir: str, seconds: float = 120.0) -> int:
+    """Write this rank's pid to ``pid_dir/rank<r>.pid``, then train 1F1B + 2BP steps for up to
+    ``seconds`` (fault tests kill or stop a rank, or the launcher, meanwhile)."""
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    sched = make_schedule("1f1b", stages=world, microbatches=4, twobp=True)
+    ex = PipelineExecutor(build_blocks(0), loss_fn, schedule=sched, timeout=3)
+    opt = torch.optim.SGD(ex.parameters(), lr=1e-3)
+    x, y = make_batch(0, 8)
+    ex.step(x, y, optimizer=opt, measure=False)
+    Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    steps, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        ex.step(x, y, optimizer=opt, measure=False)
+        steps += 1
+    return steps

@@ -18,7 +18,14 @@ CASES = [(name, twobp, p, m, v)
          for name in SCHEDULE_NAMES for twobp in (False, True)
          for p, m in [(1, 3), (2, 4), (3, 5), (4, 8)]
          for v in ((1, 2) if name in ("gpipe", "interleaved-1f1b", "auto") else (1,))
-         if not (name == "interleaved-1f1b" and v > 1 and m % p)]
+         if not (name == "interleaved-1f1b" and v > 1 and m % p)
+         and (twobp or name not in ("zb-h1", "auto"))]  # those two place P2: 2BP only
+
+
+def test_p2_placing_schedules_refuse_a_fused_backward():
+    for name in ("zb-h1", "auto"):
+        with pytest.raises(ValueError, match=f"{name} places the P2 .* needs twobp=True"):
+            make_schedule(name, stages=2, microbatches=4, twobp=False)
 
 
 @pytest.mark.parametrize("name,twobp,p,m,v", CASES)

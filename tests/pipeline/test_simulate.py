@@ -68,7 +68,7 @@ def test_memory_sizes_and_comm():
     assert per_stage.busy[1] > per_stage.busy[0]
     with pytest.raises(ValueError, match="Costs.F has 3 entries"):
         simulate(s, dict(F=[1, 2, 3], P1=1, P2=1))
-    with pytest.raises(ValueError, match="Costs.P1 must be >= 0"):
+    with pytest.raises(ValueError, match="Costs.P1 must be a finite number >= 0"):
         Costs(F=1, P1=-1, P2=1)
     with pytest.raises(ValueError, match="costs lack \\['P2'\\]"):
         simulate(s, dict(F=1, P1=1))

@@ -32,8 +32,8 @@ def _check(name: str, val, owner: str = "Costs"):
     for x in vals:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise ValueError(f"{owner}.{name} must be a number or a sequence of numbers, got {val!r}")
-        if x < 0 or x != x:
-            raise ValueError(f"{owner}.{name} must be >= 0, got {val!r}")
+        if not 0 <= x < float("inf"):
+            raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {val!r}")
     return tuple(float(x) for x in vals) if isinstance(val, (list, tuple)) else float(val)
 
 
@@ -58,6 +58,10 @@ class Costs:
             if val is None:
                 continue
             object.__setattr__(self, f.name, _check(f.name, val))
+        work = [getattr(self, k) for k in ("F", "P1", "P2")]
+        if not any((max(w) if isinstance(w, tuple) else w) > 0 for w in work):
+            raise ValueError("Costs: F, P1 and P2 are all 0, so every schedule takes no time; give at "
+                             "least one of them a positive time (e.g. F=1,P1=1,P2=1)")
 
     def at(self, kind: str, stage: int) -> float:
         """Time of ``kind`` (F, P1, P2, B or comm) for one micro-batch on ``stage``."""

@@ -183,6 +183,7 @@ class PipelineExecutor:
         self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
         self.overlap_steps = overlap_steps
         self.store = store if store is not None else ActivationStore()
+        self._steps_begun = 0  # training steps started on this executor (for error messages)
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
         self._owed_opt: tuple | None = None  # (optimizer, lr_scheduler) whose step is owed
         self._guarded: set[int] = set()  # ids of optimizers with the early-step guard
@@ -236,6 +237,7 @@ class PipelineExecutor:
         import twobp
 
         sched, m = self.schedule, self.schedule.microbatches
+        self._steps_begun += 1
         if inputs.shape[0] < m:
             raise ValueError(f"batch of {inputs.shape[0]} rows cannot make {m} micro-batches; "
                              f"use at least {m} rows or fewer micro-batches")
@@ -341,9 +343,9 @@ class PipelineExecutor:
             self._p2p.drain()
         except Exception as e:
             raise PipelineError(
-                f"rank {self.rank} failed at {acts[i] if 0 <= i < len(acts) else '?'} "
-                f"(step {i}) of schedule {sched.name!r}: {type(e).__name__}: {e}\n"
-                f"{self._where(i)}") from e
+                f"rank {self.rank} failed in training step {self._steps_begun} at action {i} "
+                f"({acts[i] if 0 <= i < len(acts) else '?'}) of schedule {sched.name!r}: "
+                f"{type(e).__name__}: {e}\n{self._where(i)}") from e
         self._shape_key = batch_key
         carrying = bool(self._carry_acts) and optimizer is not None
         if self._carry_acts and optimizer is None:  # nobody to step after them: run them now
@@ -456,7 +458,7 @@ class PipelineExecutor:
         acts = self._lowered.ranks[self.rank]
         lo, hi = max(0, i - 6), min(len(acts), i + 7)
         shown = " ".join(f">{a}<" if j == i else str(a) for j, a in enumerate(acts[lo:hi], lo))
-        return (f"rank {self.rank}, step {i}: {'... ' if lo else ''}{shown}"
+        return (f"rank {self.rank}, action {i}: {'... ' if lo else ''}{shown}"
                 f"{' ...' if hi < len(acts) else ''}")
 
 

@@ -72,6 +72,10 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     v = _check_int("chunks", chunks)
     if memory_limit is not None:
         _check_int("memory_limit", memory_limit)
+    if name in ("zb-h1", "auto") and not twobp:
+        raise ValueError(f"{name} places the P2 (weight-gradient) actions, so it needs twobp=True "
+                         f"(on the command line: {name}-2bp, or drop --no-2bp); for a fused backward "
+                         "use 1f1b, gpipe or interleaved-1f1b")
     if v > 1 and name in ("1f1b", "zb-h1"):
         raise ValueError(f"{name} runs one chunk per rank (chunks={v}); use "
                          f"'interleaved-1f1b' or 'auto' for chunks > 1")

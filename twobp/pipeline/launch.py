@@ -8,7 +8,8 @@
   machine (torch.multiprocessing, ``spawn`` start method), rendezvous on a free loopback
   port, results returned to the caller in rank order. If a worker raises or dies, or the
   whole run exceeds ``join_timeout``, the parent kills the remaining workers and raises
-  :class:`WorkerError` naming the rank, never hangs.
+  :class:`WorkerError` naming the rank, never hangs. If the parent itself dies (killed),
+  every worker notices within a second and exits with a message on stderr.
 """
 
 from __future__ import annotations
@@ -65,8 +66,26 @@ def init_from_env(*, backend: str | None = None, timeout: float = 300.0) -> tupl
     return dist.get_rank(), dist.get_world_size()
 
 
+def _exit_when_orphaned(rank: int, parent: int, poll: float = 0.5) -> None:
+    """A daemon thread that ends this worker (with a message) once its launcher is gone:
+    killed launchers must not leave ranks training on, unseen and unreported."""
+    import sys
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll)
+            if os.getppid() != parent:
+                print(f"twobp pipeline rank {rank}: its launcher (pid {parent}) is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+
+    threading.Thread(target=watch, name=f"twobp-rank{rank}-parent-watch", daemon=True).start()
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, pg_timeout: float,
-            fn: Callable, args: tuple, conn, env: dict) -> None:
+            fn: Callable, args: tuple, conn, env: dict, parent: int) -> None:
+    _exit_when_orphaned(rank, parent)
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -80,10 +99,13 @@ def _worker(rank: int, world_size: int, port: int, backend: str, pg_timeout: flo
         conn.send(("ok", pickle.dumps(result)))
         code = 0
     except BaseException as e:  # report everything, KeyboardInterrupt included
+        text = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         try:
-            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        except Exception:
-            pass
+            conn.send(("error", text))
+        except Exception:  # the launcher is gone: say it where someone may still read it
+            import sys
+            print(f"twobp pipeline rank {rank} failed and its launcher is gone:\n{text}", file=sys.stderr,
+                  flush=True)
         code = 1
     conn.close()
     # Leave without process-group teardown, which a dead or late peer could hang.
@@ -115,7 +137,7 @@ def spawn(fn: Callable[..., Any], *, world_size: int, args: Sequence[Any] = (),
         recv_end, send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_worker, name=f"twobp-pipeline-rank{rank}",
                            args=(rank, world_size, port, backend, timeout, fn, tuple(args),
-                                 send_end, dict(env or {})), daemon=True)
+                                 send_end, dict(env or {}), os.getpid()), daemon=True)
         proc.start()
         send_end.close()
         procs.append(proc)
