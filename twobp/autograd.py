@@ -98,9 +98,11 @@ class _SplitFunction(torch.autograd.Function):
                     "region is not supported: p2 computes the weight gradients outside autograd, so "
                     "there is no graph to differentiate. Run this forward outside split_backward for "
                     "higher-order gradients.")
-            entry.begin_p1()
+            keep = entry.begin_p1()
             dx, partials = op.split_input_grads(dy, p1, params, ctx.in_needs, ctx.p_needs)
-            if partials is None:
+            if not keep:
+                pass  # the module is gone: nobody can ask for its p2
+            elif partials is None:
                 # p2 happens later: keep dy for it, row-contiguous so batched p2 reads it in place.
                 entry.deposit_dy(dy.detach().contiguous())
             else:

@@ -22,8 +22,9 @@ storage alive, so that is what memory pays for). ``live_bytes`` is updated on ev
 transition; ``peak_bytes`` is the maximum since the last :meth:`reset_peak`.
 
 Owners (the modules) are held **weakly**: the store never keeps a module alive, and when
-a module is garbage-collected its pending entries are dropped with it (nobody can read
-its gradients any more). An entry holds the parameters it accumulates into (so tied
+a module is garbage-collected its pending entries are dropped with it (p2 is asked for
+per module, and a module that no longer exists cannot be named; its input gradients
+still flow at p1). An entry holds the parameters it accumulates into (so tied
 parameters work) and the saved tensors, until p2 or until its owner dies.
 
 In-place edits are caught: a tensor of the p2 set, or a parameter, modified in place
@@ -144,14 +145,19 @@ class Entry:
             seen[k] = k[1]
         return sum(seen.values())
 
-    def begin_p1(self) -> None:
-        """p1 is about to run for this entry: it must be the first time."""
+    def begin_p1(self) -> bool:
+        """p1 is about to run for this entry: it must be the first time. Returns whether p1
+        should deposit dy: False when the entry was dropped (its module was garbage-collected,
+        so no p2 can ever be asked for it; dX is still needed)."""
+        if self.state is EntryState.CLOSED:
+            return False
         if self.state is not EntryState.FORWARD:
             raise RuntimeError(
                 f"p1 of {self.label} micro-batch {self.microbatch} ran a second time: the backward of a "
                 "forward run inside twobp.split_backward may run only once (retain_graph=True and "
                 "backward twice through the same split forward are not supported: the second pass "
                 "would deposit its dy twice). Run such a forward outside split_backward.")
+        return True
 
     def deposit_dy(self, dy: Tensor) -> None:
         """Finish p1: keep dy for p2; the entry becomes ready."""

@@ -260,3 +260,13 @@ def test_first_layer_without_input_gradient_still_defers():
     twobp.backward_p2(m)
     ref(x).square().sum().backward()
     torch.testing.assert_close(m.weight.grad, ref.weight.grad)
+
+
+def test_a_module_deleted_before_its_backward_still_passes_dx_on():
+    x = torch.randn(3, 4, requires_grad=True)
+    with twobp.split_backward(microbatch=0):
+        y = twobp.TwoBPLinear(4, 2)(x)  # the module object dies here; its graph lives on
+    gc.collect()
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert twobp.default_store().is_empty()
