@@ -148,6 +148,7 @@ def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tenso
         out, _, _ = op.forward(tuple(inputs), params, save_p1=False, save_p2=False)
         return out
     if split is not None and any(p_needs) and not _in_backward():
+        _refuse_ddp_forward(label)
         # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
         # views share their version counters, so in-place edits are still caught. The
         # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
@@ -170,6 +171,14 @@ def _under_reentrant_checkpoint() -> bool:
             return True
         f = f.f_back
     return False
+
+
+def _refuse_ddp_forward(label: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+        from .split import _DP_ALTERNATIVE
+        raise NotImplementedError(f"{label}: a split forward inside torch DistributedDataParallel: {_DP_ALTERNATIVE}")
 
 
 def _anchor() -> Tensor:

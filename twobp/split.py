@@ -109,6 +109,7 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     """
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"backward_p2 takes an nn.Module, got {type(module_or_model).__name__}")
+    _refuse_wrappers(module_or_model)
     if isinstance(microbatches, bool) or (microbatches is not None and not isinstance(microbatches, int)
                                           and not isinstance(microbatches, Iterable)):
         raise TypeError(f"backward_p2: microbatches must be an int, an iterable of ints or None, "
@@ -150,9 +151,29 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     by_owner: dict[int, list[Entry]] = defaultdict(list)
     for e in ready:
         by_owner[e.owner_id].append(e)
-    for group in by_owner.values():
-        _run_p2(group, batched)
+    _run_p2_groups(list(by_owner.values()), batched)
     return len(ready)
+
+
+_DP_ALTERNATIVE = ("2BP computes weight gradients after the backward, when DDP and FSDP have already reduced "
+                   "(missing) gradients in their autograd hooks, so each rank would keep only its own. Use "
+                   "twobp's data parallelism instead (PipelineExecutor(..., dp_group=...) or `twobp train "
+                   "--dp N`, which all-reduces after p2), or run the forward outside split_backward.")
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        FSDPModule = ()
+    for m in model.modules():
+        if isinstance(m, DistributedDataParallel):
+            raise NotImplementedError(f"backward_p2 on a torch DistributedDataParallel model: {_DP_ALTERNATIVE}")
+        if FSDPModule and isinstance(m, FSDPModule):
+            raise NotImplementedError(f"backward_p2 on a model sharded with torch FSDP (fully_shard): "
+                                      f"{_DP_ALTERNATIVE}")
 
 
 def _has_deferred_weights(model: nn.Module) -> bool:
@@ -163,13 +184,46 @@ def _has_deferred_weights(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _run_p2(group: list[Entry], batched: bool) -> None:
-    first = group[0]
-    grads = [(_grad_buffer(p) if (p is not None and need) else None)
-             for p, need in zip(first.params, first.param_mask)]
-    chunks = [group] if batched else [[e] for e in group]
-    for chunk in chunks:
-        taken = [e.take_p2() for e in chunk]
-        first.op.param_grads([dy for dy, _ in taken], [s for _, s in taken], grads)
-        for e in chunk:
-            e.close()
+def _run_p2_groups(groups: list[list[Entry]], batched: bool) -> None:
+    """p2 of every owner's entries, then the parameters' gradient hooks, as autograd would.
+
+    A parameter's tensor hooks (``register_hook``) see the gradient this call adds, summed
+    over every entry and owner (a tied weight), and may replace it; then it is accumulated
+    into ``.grad`` and the post-accumulate-grad hooks fire, once per parameter per call.
+    Parameters without tensor hooks are accumulated into ``.grad`` in place.
+    """
+    fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, pending gradient)
+    touched: dict[int, torch.Tensor] = {}
+    for group in groups:
+        first = group[0]
+        grads = []
+        for p, need in zip(first.params, first.param_mask):
+            if p is None or not need:
+                grads.append(None)
+                continue
+            touched[id(p)] = p
+            if getattr(p, "_backward_hooks", None):
+                if id(p) not in fresh:
+                    dtype = getattr(p, "grad_dtype", None) or p.dtype
+                    fresh[id(p)] = (p, torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format))
+                grads.append(fresh[id(p)][1])
+            else:
+                grads.append(_grad_buffer(p))
+        op = first.op
+        for chunk in ([group] if batched else [[e] for e in group]):
+            taken = [e.take_p2() for e in chunk]
+            op.param_grads([dy for dy, _ in taken], [s for _, s in taken], grads)
+            for e in chunk:
+                e.close()
+    for p, g in fresh.values():
+        for hook in list(p._backward_hooks.values()):
+            out = hook(g)
+            if out is not None:
+                g = out
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+    for p in touched.values():
+        for hook in list((getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()):
+            hook(p)

@@ -251,12 +251,14 @@ class ActivationStore:
         self._refcount: dict[tuple[int, int], int] = {}
         self._live = 0
         self._peak = 0
+        _stores.add(self)
 
     # ---- lifetime transitions -------------------------------------------------------
     def open(self, *, owner: Hashable, label: str, microbatch: int, op: Any,
              params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]) -> Entry:
         """Record a forward's p2 set under ``(owner, microbatch)`` (one more entry if that
         module already ran under this micro-batch: p2 accumulates all of them)."""
+        _install_step_guard()
         with self._lock:
             entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
             self._entries[entry.seq] = entry
@@ -360,6 +362,37 @@ class ActivationStore:
             for e in list(self._entries.values()):
                 self._close(e)
             self._peak = self._live
+
+
+_stores: "weakref.WeakSet[ActivationStore]" = weakref.WeakSet()
+_guard_installed = False
+
+
+def _install_step_guard() -> None:
+    """Once per process, on the first split forward: make every optimizer.step() check that
+    no p2 is pending for its parameters (their .grad would be incomplete)."""
+    global _guard_installed
+    if _guard_installed:
+        return
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(_refuse_pending_p2)
+    _guard_installed = True
+
+
+def _refuse_pending_p2(optimizer, args, kwargs) -> None:
+    pending = [e for st in list(_stores) if st._entries for e in st.entries()]
+    if not pending:
+        return
+    mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    owed = sorted({e.label for e in pending
+                   if any(p is not None and need and id(p) in mine for p, need in zip(e.params, e.param_mask))})
+    if owed:
+        raise RuntimeError(
+            f"optimizer.step() while the weight gradients (p2) of {', '.join(owed[:4])}"
+            f"{' ...' if len(owed) > 4 else ''} are still pending: their .grad is incomplete. Run "
+            "twobp.backward_p2(model) first (a PipelineExecutor with carried P2: executor.flush(), which also "
+            "steps the optimizer).")
 
 
 _default = ActivationStore()

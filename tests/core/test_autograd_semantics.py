@@ -92,16 +92,83 @@ def test_in_place_weight_edit_before_backward_is_caught(case, split):
     twobp.default_store().clear()
 
 
-def test_in_place_weight_edit_between_p1_and_p2_is_caught():
+def test_optimizer_step_before_p2_is_refused():
     m = twobp.TwoBPLinear(4, 3)
+    other = nn.Linear(2, 2)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    free = torch.optim.SGD(other.parameters(), lr=0.1)
     with twobp.split_backward(microbatch=0):
         y = m(torch.randn(2, 4, requires_grad=True))
     y.sum().backward()
-    m.weight.grad = torch.ones_like(m.weight)
-    opt.step()  # stepping before p2: the deferred gradient would belong to the old weight
+    with pytest.raises(RuntimeError, match=r"p2\) of TwoBPLinear are still pending.*backward_p2\(model\) first"):
+        opt.step()
+    free.step()  # an optimizer of other parameters is not held up
+    twobp.backward_p2(m)
+    opt.step()
+
+
+def test_in_place_weight_edit_between_p1_and_p2_is_caught():
+    m = twobp.TwoBPLinear(4, 3)
+    with twobp.split_backward(microbatch=0):
+        y = m(torch.randn(2, 4, requires_grad=True))
+    y.sum().backward()
+    with torch.no_grad():
+        m.weight.add_(1.0)  # the deferred gradient would belong to the old weight
     with pytest.raises(RuntimeError, match=r"modified in place after its forward .*backward_p2 before stepping"):
         twobp.backward_p2(m)
+    twobp.default_store().clear()
+
+
+def test_gradient_hooks_fire_after_p2_as_under_autograd():
+    """Tensor hooks see (and may replace) the gradient p2 adds, summed over a tied use;
+    post-accumulate-grad hooks fire once per parameter per p2 call with .grad in place;
+    nothing fires at p1."""
+    torch.manual_seed(5)
+    a, b = twobp.TwoBPLinear(4, 4, bias=False), twobp.TwoBPLinear(4, 4, bias=False)
+    b.weight = a.weight  # one parameter, two modules
+    ref = nn.Linear(4, 4, bias=False)
+    ref.weight.data.copy_(a.weight.data)
+    x = torch.randn(3, 4)
+    seen = {"tensor": [], "post": []}
+    for w in (a.weight, ref.weight):
+        w.register_hook(lambda g, tag=w is a.weight: (seen["tensor"].append((tag, g.clone())), g * 3)[1])
+        w.register_post_accumulate_grad_hook(lambda p, tag=w is a.weight: seen["post"].append((tag, p.grad.clone())))
+    ref(ref(x)).square().sum().backward()
+    with twobp.split_backward(microbatch=0):
+        y = b(a(x))
+    y.square().sum().backward()
+    assert [t for t, _ in seen["tensor"]] == [False] and [t for t, _ in seen["post"]] == [False], \
+        "p1 must not fire the twobp parameter's hooks"
+    twobp.backward_p2(nn.ModuleList([a, b]))
+    (_, g_ref), (_, g_ours) = seen["tensor"]
+    torch.testing.assert_close(g_ours, g_ref)
+    (_, post_ref), (_, post_ours) = seen["post"]
+    torch.testing.assert_close(post_ours, post_ref)
+    torch.testing.assert_close(a.weight.grad, ref.weight.grad)
+
+
+def test_ddp_and_fsdp_in_split_mode_raise_and_name_the_alternative():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from twobp.pipeline.launch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        m = DDP(nn.Sequential(twobp.TwoBPLinear(4, 4)))
+        with pytest.raises(NotImplementedError, match=r"DistributedDataParallel.*--dp N"):
+            with twobp.split_backward(microbatch=0):
+                m(torch.randn(2, 4))
+        with pytest.raises(NotImplementedError, match=r"DistributedDataParallel model.*dp_group"):
+            twobp.backward_p2(m)
+        m(torch.randn(2, 4)).sum().backward()  # outside a split region DDP works as usual
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = fully_shard(nn.Sequential(twobp.TwoBPLinear(4, 4)))
+        with pytest.raises(NotImplementedError, match=r"FSDP \(fully_shard\).*--dp N"):
+            twobp.backward_p2(sharded)
+    finally:
+        dist.destroy_process_group()
     twobp.default_store().clear()
 
 

@@ -186,7 +186,6 @@ class PipelineExecutor:
         self._steps_begun = 0  # training steps started on this executor (for error messages)
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
         self._owed_opt: tuple | None = None  # (optimizer, lr_scheduler) whose step is owed
-        self._guarded: set[int] = set()  # ids of optimizers with the early-step guard
         if one_way_channels is None:
             one_way_channels = dist.get_backend(group) == "nccl" and group is None
         channels = None
@@ -263,8 +262,6 @@ class PipelineExecutor:
         if zero_grad:
             for prm in self.parameters():
                 prm.grad = None
-        if optimizer is not None and self.overlap_steps and self._carry_acts:
-            self._guard(optimizer)
         last = sched.num_stages - 1
         acts = self._lowered.ranks[self.rank]
         act_in: dict[tuple[int, int], torch.Tensor] = {}
@@ -413,29 +410,9 @@ class PipelineExecutor:
             records.append((str(a), "P2", t0, self._clock.mark(), None))
 
     def _step_optimizer(self, optimizer, lr_scheduler) -> None:
-        self._stepping = True
-        try:
-            optimizer.step()
-        finally:
-            self._stepping = False
+        optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
-
-    def _guard(self, optimizer) -> None:
-        """Make ``optimizer.step()`` outside the executor fail while P2 is carried."""
-        if id(optimizer) in self._guarded or not hasattr(optimizer, "register_step_pre_hook"):
-            return
-        self._guarded.add(id(optimizer))
-
-        def check(opt, args, kwargs):
-            if self.owes and not getattr(self, "_stepping", False):
-                raise RuntimeError(
-                    f"optimizer.step() on pipeline rank {self.rank} while this rank still owes the "
-                    f"weight gradients (P2) it carried from the last step (overlap_steps=True): those "
-                    "gradients are incomplete. Call executor.flush() instead: it runs them and steps "
-                    "this optimizer (and the lr scheduler given to step()).")
-
-        optimizer.register_step_pre_hook(check)
 
     def _store_holds_only_carried(self, store, carrying: bool) -> bool:
         if not carrying:
