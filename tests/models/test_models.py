@@ -337,3 +337,32 @@ def test_loss_fn_checks_shapes():
     out = torch.randn(2, 5, 7)
     with pytest.raises(ValueError, match="target of shape"):
         models.TwoBPModel.loss_fn(out, torch.zeros(2, 7, dtype=torch.long))
+
+
+def test_per_rank_construction_allocates_only_its_share():
+    """A 4-stage LLaMa-7B cut (on the meta device): every rank within 10% of a quarter of the
+    parameters. build_blocks allocates exactly its blocks' parameters (counted on a real,
+    smaller model), with values equal to the whole model built with the same seed."""
+    from twobp.pipeline.partition import balance
+
+    meta = models.build("llama", "7b", device="meta")
+    total = meta.num_parameters()
+    part = balance(len(meta.blocks()), 4)
+    for r in range(4):
+        own = sum(p.numel() for i in part.blocks_of(r) for p in meta.blocks()[i].parameters())
+        assert abs(own - total / 4) <= 0.10 * total / 4, f"rank {r}: {own / 1e9:.2f} B of {total / 1e9:.2f} B"
+    whole = models.build("llama", "tiny", seed=11)
+    part = balance(len(whole.blocks()), 4)
+    seen = 0
+    for r in range(4):
+        mine = list(part.blocks_of(r))
+        rank_model = models.build_blocks("llama", "tiny", blocks=mine, seed=11)
+        real = [p for p in rank_model.parameters() if not p.is_meta]
+        assert sum(p.numel() for p in real) == sum(p.numel() for i in mine for p in whole.blocks()[i].parameters())
+        for i in mine:
+            for (name, a), b in zip(whole.blocks()[i].state_dict().items(), rank_model.blocks()[i].state_dict().values()):
+                assert torch.equal(a, b), f"block {i} {name} differs from the whole model's"
+        seen += sum(p.numel() for p in real)
+    assert seen == whole.num_parameters()
+    with pytest.raises(ValueError, match="has blocks 0..5"):
+        models.build_blocks("llama", "tiny", blocks=[9], seed=0)

@@ -113,13 +113,15 @@ def tied_blocks(seed: int, vocab: int = 11) -> list[nn.Module]:
     return [emb, nn.Sequential(twobp.TwoBPLinear(D, D), nn.Tanh()), twobp.TwoBPLinear(D, D), head]
 
 
-def tied_case(rank: int, world: int) -> str:
+def tied_case(rank: int, world: int) -> dict:
+    """The tied embedding/head split over ``world`` ranks: one step's loss, and the tied
+    weight's gradient on rank 0 (the sum over both uses after the executor's sync)."""
     sched = make_schedule("1f1b", stages=world, microbatches=2, twobp=True)
-    try:
-        PipelineExecutor(tied_blocks(0), lambda o, t: o.mean(), schedule=sched)
-    except ValueError as e:
-        return str(e)
-    return "accepted"
+    ex = PipelineExecutor(tied_blocks(0), tied_loss, schedule=sched, timeout=60)
+    ref = tied_reference(0, 5)
+    res = ex.step(ref["ids"], ref["tgt"], measure=False)
+    grad = ex.tied_parameters[0].grad.clone() if ex.tied_parameters else None
+    return {"loss": res.loss, "grad": grad}
 
 
 def tied_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -207,3 +209,55 @@ def train_forever(rank: int, world: int, pid_dir: str, seconds: float = 120.0) -
         ex.step(x, y, optimizer=opt, measure=False)
         steps += 1
     return steps
+
+
+def run_dp(rank: int, world: int, pp: int, dp: int, cases: list[tuple], seed: int, n: int) -> dict:
+    """pp x dp ranks: every (name, 2BP) case one step on this replica's half of the batch;
+    the loss averaged over replicas and this rank's gradients, by global name."""
+    import torch.distributed as dist
+
+    from twobp.pipeline import init_mesh, replica_slice
+
+    torch.set_num_threads(1)
+    mesh = init_mesh(pp=pp, dp=dp)
+    out = {}
+    for name, use_2bp in cases:
+        sched = make_schedule(name, stages=pp, microbatches=2 * pp, twobp=use_2bp)
+        ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60, mesh=mesh, bucket_mb=1e-4)
+        x, y = make_batch(seed, n)
+        res = ex.step(replica_slice(x, mesh), replica_slice(y, mesh), measure=(name == "1f1b"))
+        loss = torch.tensor(res.loss, dtype=torch.float64)
+        dist.all_reduce(loss, group=mesh.get_group("dp"))
+        out[(name, use_2bp)] = {
+            "loss": float(loss) / dp,
+            "grads": {k: p.grad.clone() for k, p in ex.named_parameters() if p.grad is not None},
+            "store_empty": res.store_empty and ex.store.is_empty(),
+            "kinds": sorted({e.kind for e in res.timeline.events}) if res.timeline is not None else None,
+        }
+    return out
+
+
+def run_tied_llama(rank: int, world: int, name: str, use_2bp: bool, steps: int) -> dict:
+    """The llama model with tied embedding/head over ``world`` stages, each rank building only
+    its own blocks: losses of ``steps`` AdamW steps and the tied copies after them."""
+    from twobp import models
+    from twobp.data import ByteCorpus
+    from twobp.pipeline.partition import balance
+
+    torch.set_num_threads(1)
+    meta = models.build("llama", "tiny", device="meta", tie_embeddings=True)
+    part = balance(len(meta.blocks()), world)
+    mine = list(part.blocks_of(rank))
+    model = models.build_blocks("llama", "tiny", blocks=mine, seed=5, tie_embeddings=True)
+    sched = make_schedule(name, stages=world, microbatches=4, twobp=use_2bp)
+    ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, timeout=60, bounds=part.bounds)
+    opt = torch.optim.AdamW(ex.parameters(), lr=1e-2)
+    data = ByteCorpus(seq_len=model.config.seq_len + 1)
+    losses = []
+    for step in range(steps):
+        x, y = data.batch(step, 8, seed=0)
+        losses.append(ex.step(x, y, optimizer=opt, measure=False, clip_grad_norm=1.0).loss)
+    ex.flush()
+    return {"losses": losses, "tied": [p.detach().clone() for p in ex.tied_parameters],
+            "materialised": sum(p.numel() for p in model.parameters() if not p.is_meta),
+            "own": sum(p.numel() for i in mine for p in meta.blocks()[i].parameters())}

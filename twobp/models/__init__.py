@@ -16,13 +16,13 @@ can cut between any two, with ``loss_fn``, ``num_parameters``, ``flops_per_sampl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from .base import TwoBPModel
 
-__all__ = ["TwoBPModel", "build", "config", "model_names", "presets"]
+__all__ = ["TwoBPModel", "build", "build_blocks", "config", "model_names", "presets"]
 
 
 def _families() -> dict[str, tuple[type, type, dict[str, dict]]]:
@@ -66,12 +66,58 @@ def config(name: str, preset: str = "tiny", **overrides: Any):
 
 
 def build(name: str, preset: str = "tiny", *, device: torch.device | str | None = None,
-          dtype: torch.dtype | None = None, **overrides: Any) -> TwoBPModel:
+          dtype: torch.dtype | None = None, seed: int | None = None, **overrides: Any) -> TwoBPModel:
     """Build model ``name`` at ``preset``, e.g. ``build("llama", "7b", device="meta")``.
 
     ``overrides`` replace config fields (``build("llama", "tiny", n_layers=8)``). On
     ``device="meta"`` nothing is allocated, which is how to count a large model's
-    parameters.
+    parameters. ``seed``: initialise every parameter from ``(seed, its name)`` (see
+    :meth:`TwoBPModel.init_weights`) rather than from the global RNG, so that
+    :func:`build_blocks` with the same seed gives the very same values.
     """
     _, model_cls, _ = _family(name)
-    return model_cls(config(name, preset, **overrides), device=device, dtype=dtype)
+    model = model_cls(config(name, preset, **overrides), device=device, dtype=dtype)
+    if seed is not None:
+        model.init_weights(seed)
+    return model
+
+
+@torch.no_grad()
+def build_blocks(name: str, preset: str = "tiny", *, blocks: Iterable[int], seed: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **overrides: Any) -> TwoBPModel:
+    """The model with only ``blocks`` (indices into ``model.blocks()``) allocated on
+    ``device``; every other block stays on the meta device and costs nothing. Their
+    values equal ``build(name, preset, seed=seed)``'s, parameter for parameter.
+
+    What a pipeline rank builds: its own stages. A parameter shared with a block left on
+    the meta device (a tied embedding and head) is materialised once and shared by both,
+    so a pipeline still sees the tie.
+    """
+    from torch import nn
+
+    _, model_cls, _ = _family(name)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    model = model_cls(config(name, preset, **overrides), device="meta", dtype=dtype)
+    slots = model.parameter_slots()  # names and ties, read before anything is replaced
+    chain = model.blocks()
+    wanted = sorted(set(blocks))
+    if any(not 0 <= i < len(chain) for i in wanted):
+        raise ValueError(f"build_blocks: {name}/{preset} has blocks 0..{len(chain) - 1}, got {wanted}")
+    real: dict[int, nn.Parameter] = {}
+    for i in wanted:
+        for mod in chain[i].modules():
+            for pname, p in mod._parameters.items():
+                if p is not None and id(p) not in real:
+                    real[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            for bname, b in list(mod._buffers.items()):
+                if b is not None and b.is_meta:
+                    mod._buffers[bname] = torch.zeros_like(b, device=device)
+            if isinstance(mod, nn.modules.batchnorm._NormBase):
+                mod.reset_running_stats()
+    for mod in model.modules():  # every holder of a materialised parameter gets the real one
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and id(p) in real:
+                mod._parameters[pname] = real[id(p)]
+    model._init_each(seed, [(n, m, a, real[id(p)]) for n, m, a, p in slots if id(p) in real])
+    return model

@@ -52,6 +52,51 @@ class TwoBPModel(nn.Module, abc.ABC):
                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """A synthetic ``(inputs, targets)`` batch of the model's input shape (random data)."""
 
+    # ---- initialisation ---------------------------------------------------------------
+    def init_parameter(self, name: str, module: nn.Module, attr: str, p: Tensor) -> None:
+        """Give parameter ``p`` (``module.<attr>``, qualified ``name``) its initial values in
+        place, drawing from torch's default generator: the model's init rule."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-parameter init rule")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter by the model's rule, from the global RNG."""
+        self._init_each(None, self.parameter_slots())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from its own seed, ``(seed, its qualified name)``,
+        drawn on the CPU and copied to the parameter's device: its values then depend on
+        nothing else, so a model built block by block on many ranks
+        (:func:`twobp.models.build_blocks`) equals the model built whole. Meta parameters
+        are skipped."""
+        self._init_each(seed, self.parameter_slots())
+
+    def parameter_slots(self) -> list[tuple[str, nn.Module, str, Tensor]]:
+        """``(qualified name, owning module, attribute, parameter)`` of every parameter, a
+        tied one once under its first name (the name its init seed derives from)."""
+        modules = dict(self.named_modules())
+        out = []
+        for name, p in self.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            out.append((name, modules[owner], attr, p))
+        return out
+
+    def _init_each(self, seed: int | None, slots) -> None:
+        import zlib
+
+        for name, module, attr, p in slots:
+            if p.is_meta:
+                continue
+            if seed is None:
+                self.init_parameter(name, module, attr, p)
+                continue
+            tmp = torch.empty(p.shape, dtype=p.dtype)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                self.init_parameter(name, module, attr, tmp)
+            p.copy_(tmp)
+
     @property
     def tied(self) -> bool:
         """True when the first and last block share the embedding weight."""

@@ -162,19 +162,14 @@ class Bert(TwoBPModel):
         if config.tie_embeddings:
             self.head.decoder.weight = self.embeddings.tok.weight
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Embedding, TwoBPLinear)):
-                nn.init.normal_(m.weight, std=self.config.init_std)
-            if isinstance(m, TwoBPLinear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-            if isinstance(m, TwoBPAttention):
-                for p in m.parameters():
-                    if p.dim() > 1:
-                        nn.init.normal_(p, std=self.config.init_std)
-                    else:
-                        nn.init.zeros_(p)
+    def init_parameter(self, name: str, module: nn.Module, attr: str, p: Tensor) -> None:
+        """BERT's: embeddings and matmul weights normal(0, init_std), biases 0, LayerNorm 1 / 0."""
+        if isinstance(module, TwoBPLayerNorm):
+            nn.init.ones_(p) if attr == "weight" else nn.init.zeros_(p)
+        elif p.dim() == 1:
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, std=self.config.init_std)
 
     def blocks(self) -> list[nn.Module]:
         return [self.embeddings, *self.layers, self.head]

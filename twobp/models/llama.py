@@ -153,20 +153,17 @@ class Llama(TwoBPModel):
         if config.tie_embeddings:
             self.head.proj.weight = self.embed.weight
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def init_parameter(self, name: str, module: nn.Module, attr: str, p: Tensor) -> None:
+        """GPT-2 style: matmul weights and the embedding normal(0, init_std), the residual
+        output projections scaled by 1/sqrt(2 n_layers) (their sum over 2L branches keeps the
+        stream's variance bounded), norms at 1, biases (if a variant has them) at 0."""
         std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        nn.init.normal_(self.head.proj.weight, std=std)
-        for layer in self.layers:
-            for p in (*layer.attn.parameters(), *layer.mlp.parameters()):
-                if p.dim() > 1:
-                    nn.init.normal_(p, std=std)
-                else:  # biases, if a variant has them
-                    nn.init.zeros_(p)
-            # residual outputs: their sum over 2L branches keeps the stream's variance bounded
-            for w in (layer.attn.out_proj.weight, layer.mlp.down.weight):
-                nn.init.normal_(w, std=std / math.sqrt(2 * self.config.n_layers))
+        if p.dim() == 1:
+            nn.init.ones_(p) if isinstance(module, TwoBPRMSNorm) else nn.init.zeros_(p)
+            return
+        if name.endswith(("attn.out_proj.weight", "mlp.down.weight")):
+            std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(p, std=std)
 
     def blocks(self) -> list[nn.Module]:
         return [self.embed, *self.layers, self.head]

@@ -26,6 +26,8 @@ LLaMa/BERT models, or a ResNet in eval mode (running statistics, fixed per step)
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -189,19 +191,22 @@ class ResNet(TwoBPModel):
         self.head = ClassifierHead(in_ch, config.num_classes, **kw)
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """torchvision's init: Kaiming-normal convs (fan_out), BN at gamma 1 and beta 0."""
-        for m in self.modules():
-            if isinstance(m, TwoBPConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if self.config.zero_init_residual:
-            for block in self.layers:
-                nn.init.zeros_(block.bn3.weight)
-        self.head.fc.reset_parameters()
+    def init_parameter(self, name: str, module: nn.Module, attr: str, p: Tensor) -> None:
+        """torchvision's init: Kaiming-normal convs (fan_out), BN at gamma 1 and beta 0 (gamma 0
+        on each bottleneck's last BN with ``zero_init_residual``), the classifier as nn.Linear."""
+        if isinstance(module, TwoBPConv2d):
+            if attr == "weight":
+                nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.zeros_(p)
+        elif isinstance(module, nn.BatchNorm2d):
+            zero = attr == "weight" and self.config.zero_init_residual and name.endswith("bn3.weight")
+            nn.init.ones_(p) if attr == "weight" and not zero else nn.init.zeros_(p)
+        elif attr == "weight":  # the classifier: nn.Linear's own init
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        else:
+            bound = 1 / math.sqrt(module.in_features)
+            nn.init.uniform_(p, -bound, bound)
 
     def blocks(self) -> list[nn.Module]:
         return [self.stem, *self.layers, self.head]

@@ -29,6 +29,8 @@ _LAZY = {
     "init_from_env": ".launch",
     "WorkerError": ".launch",
     "simulate_main": ".cli_simulate",
+    "init_mesh": ".parallel",
+    "replica_slice": ".parallel",
 }
 
 __all__ = [

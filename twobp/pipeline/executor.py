@@ -41,7 +41,8 @@ from .comm import one_way_channels as _one_way_channels
 from .lowering import comm_peer, lower_comm, message_key
 from ..store import ActivationStore
 from .overlap import split_tail
-from .partition import BlockLike, Partition, partition_blocks
+from .grad_sync import GradSync
+from .partition import BlockLike, Partition, partition_blocks, shared_across_ranks
 from .timeline import Event, Timeline
 from .validate import fifo_violations, validate
 
@@ -69,6 +70,9 @@ class StepResult:
     from the entries of the P2 it carries into the next step)."""
     carried: int = 0
     """P2 micro-batches this rank carries into the next step (``overlap_steps``)."""
+    grad_norm: float | None = None
+    """The whole model's gradient norm before clipping (with ``clip_grad_norm``; None when
+    the optimizer step is carried to the next step)."""
     rank_events: list[Event] | None = None
     """This rank's own actions in seconds from its step start, without any collective (on
     CPU always; on CUDA with ``measure=True`` only, as reading event times synchronizes)."""
@@ -125,11 +129,20 @@ class PipelineExecutor:
     ``overlap_steps``: run the P2 this rank carries (``schedule.carry``, see
     :func:`~twobp.pipeline.make_schedule` with ``overlap_steps=True``) and its optimizer
     step at the start of the next :meth:`step`, while it waits for its first input. Only
-    when :meth:`step` is given the optimizer; :meth:`flush` finishes them (call it before
-    reading, evaluating or saving the weights; stepping that optimizer yourself while work
-    is carried raises an error that says so).
+    when :meth:`step` is given the optimizer, and not with tied weights across ranks,
+    ``clip_grad_norm`` or ``grad_scaler`` (their collectives would make the other ranks wait
+    for the carried work); :meth:`flush` finishes them (call it before reading, evaluating
+    or saving the weights; stepping that optimizer yourself while work is carried raises an
+    error that says so).
     ``store``: the activation store this executor's split forwards use (default: one of
     its own, so pipelines in one process never see each other's entries; ``self.store``).
+
+    Past one pipeline (see :mod:`.grad_sync`): ``mesh``, a
+    :class:`~torch.distributed.device_mesh.DeviceMesh` with dims ``("dp", "pp")`` (from
+    :func:`~twobp.pipeline.parallel.init_mesh`), runs this pipeline on its "pp" row and
+    averages gradients over its "dp" column, bucketed by ``bucket_mb`` and overlapped with
+    the schedule. Parameters shared by blocks on different ranks (a tied embedding and
+    head) keep a copy on each rank whose gradients are summed, so the copies stay equal.
     """
 
     def __init__(self, blocks: Sequence[BlockLike] | nn.Sequential,
@@ -139,10 +152,20 @@ class PipelineExecutor:
                  block_costs: Sequence[float] | None = None, bounds: Sequence[int] | None = None,
                  timeout: float = 300.0, one_way_channels: bool | None = None,
                  static_shapes: bool = True, overlap_steps: bool = False,
-                 store: "ActivationStore | None" = None):
+                 store: "ActivationStore | None" = None, mesh: Any = None, bucket_mb: float = 25.0):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: start the ranks with "
                                "twobp.pipeline.spawn(...) or under torchrun with init_from_env()")
+        dp_group = None
+        if mesh is not None:
+            if group is not None:
+                raise ValueError("give either mesh= (its 'pp' row is the pipeline) or group=, not both")
+            if tuple(mesh.mesh_dim_names or ()) != ("dp", "pp"):
+                raise ValueError(f"mesh must have dims ('dp', 'pp'), got {mesh.mesh_dim_names}; build it with "
+                                 "twobp.pipeline.init_mesh(pp=..., dp=...)")
+            group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        if not (bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         world = dist.get_world_size(group)
         if world != schedule.stages:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.stages} ranks but the "
@@ -171,7 +194,9 @@ class PipelineExecutor:
         self.partition: Partition
         self.partition, built = partition_blocks(blocks, num_stages=p * v, ranks=p,
                                                  stages_wanted=mine, costs=block_costs,
-                                                 bounds=bounds)
+                                                 bounds=bounds, allow_shared=True)
+        block_list = list(blocks.children()) if isinstance(blocks, nn.Sequential) else list(blocks)
+        shared = shared_across_ranks(block_list, self.partition, ranks=p)
         self.stages: dict[int, nn.Sequential] = {c: built[s].to(self.device)
                                                  for c, s in enumerate(mine)}
         mine_acts, carried = split_tail(schedule.ranks[self.rank], schedule.carried(self.rank))
@@ -184,6 +209,7 @@ class PipelineExecutor:
         self.overlap_steps = overlap_steps
         self.store = store if store is not None else ActivationStore()
         self._steps_begun = 0  # training steps started on this executor (for error messages)
+        self._grad_norm: float | None = None
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
         self._owed_opt: tuple | None = None  # (optimizer, lr_scheduler) whose step is owed
         if one_way_channels is None:
@@ -197,10 +223,55 @@ class PipelineExecutor:
             channels = _one_way_channels(pairs)
         self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group,
                         channels=channels)
+        self.mesh, self.dp_group = mesh, dp_group
+        self._sync = self._build_sync(block_list, shared, mesh, group, dp_group, int(bucket_mb * 2**20))
         self._clock = _Clock(self.device)
         self._static_shapes = static_shapes
         self._shape_key: tuple | None = None  # batch shape the cache below belongs to
         self._shapes: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}  # tag -> (shape, dtype)
+
+    def _build_sync(self, blocks, shared, mesh, group, dp_group, bucket_bytes: int) -> GradSync:
+        """Tie groups (a collective: every rank creates every group, in one order) and the
+        replica buckets with the action after which each chunk's gradients are final."""
+        tied = []
+        for share in shared:
+            if mesh is not None:
+                rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+                members = [[row[r] for r in share.ranks] for row in rows]
+            elif group is None:
+                members = [list(share.ranks)]
+            else:
+                raise NotImplementedError(
+                    f"parameter {' and '.join(share.names)} is tied across pipeline ranks {list(share.ranks)} of a "
+                    "process sub-group: pass mesh= (twobp.pipeline.init_mesh) so every rank can build the tie groups")
+            me = dist.get_rank()
+            mine = None
+            for ranks in members:
+                g = dist.new_group(ranks=ranks)
+                if me in ranks:
+                    mine = g
+            if self.rank in share.ranks and mine is not None:
+                param = next(prm for b in share.blocks for n, prm in blocks[b].named_parameters()
+                             if f"{b}.{n}" in share.names)
+                tied.append((param, mine))
+        lowered = self._lowered.ranks[self.rank]
+        carried_chunks = {a.chunk for a in self._carry_acts}
+        ready: dict[int, int | None] = {}
+        for c in self.stages:
+            idx = [i for i, a in enumerate(lowered) if a.chunk == c and a.kind in ("B", "P1", "P2")]
+            ready[c] = None if (c in carried_chunks or not idx) else max(idx)
+        by_chunk: dict[int, list] = {}
+        seen: set[int] = set()
+        order = sorted(self.stages, key=lambda c: (ready[c] is None, ready[c] or 0), reverse=True)
+        for c in order:  # a parameter two chunks share is final with the later one
+            by_chunk[c] = [prm for prm in self.stages[c].parameters() if id(prm) not in seen]
+            seen.update(id(prm) for prm in by_chunk[c])
+        return GradSync.build(by_chunk, ready, dp_group=dp_group, tied=tied, bucket_bytes=bucket_bytes)
+
+    @property
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """This rank's copies of parameters shared with other pipeline ranks."""
+        return [prm for prm, _ in self._sync.tied]
 
     def parameters(self):
         """Parameters of this rank's stages (for the optimizer)."""
@@ -223,7 +294,8 @@ class PipelineExecutor:
 
     def step(self, inputs: torch.Tensor, targets: Any = None, *,
              optimizer: torch.optim.Optimizer | None = None, zero_grad: bool = True,
-             measure: bool = True, lr_scheduler: Any = None) -> StepResult:
+             measure: bool = True, lr_scheduler: Any = None, clip_grad_norm: float | None = None,
+             grad_scaler: Any = None) -> StepResult:
         """One training step over the full batch ``inputs`` (split along dim 0 into the
         schedule's micro-batches). Every rank passes the same batch; only the first
         stage reads ``inputs`` and only the last reads ``targets``.
@@ -232,6 +304,12 @@ class PipelineExecutor:
         schedule (then ``lr_scheduler``, if given); with ``overlap_steps`` and carried P2 on
         this rank, at the start of the next step instead (see :meth:`flush`).
         ``measure``: gather every rank's timeline and measured costs (one small collective).
+        ``clip_grad_norm``: before the optimizer step, scale every gradient so that their
+        norm over the whole model (every pipeline rank, tied copies once; replicas agree
+        after averaging) is at most this, as ``clip_grad_norm_`` on one process would.
+        ``grad_scaler``: a ``torch.amp.GradScaler`` (fp16): the loss is scaled before its
+        backward, and the step is skipped on every rank when any rank found an inf/nan.
+        The gradient norm before clipping is ``StepResult.grad_norm`` (when clipping).
         """
         import twobp
 
@@ -249,9 +327,11 @@ class PipelineExecutor:
         if not known:
             self._shapes.clear()
         store = self.store
-        if lr_scheduler is not None and optimizer is None:
-            raise ValueError("step(lr_scheduler=...) needs optimizer= too: the executor steps the "
-                             "scheduler right after the optimizer")
+        if optimizer is None and (lr_scheduler is not None or clip_grad_norm is not None or grad_scaler is not None):
+            raise ValueError("step(lr_scheduler=/clip_grad_norm=/grad_scaler=) needs optimizer= too: the executor "
+                             "applies them around its optimizer step")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a number > 0, got {clip_grad_norm!r}")
         if measure:
             self._collective("the start-of-step barrier", dist.barrier, group=self.group)
         self._clock.start()
@@ -310,6 +390,8 @@ class PipelineExecutor:
                         loss = self.loss_fn(y, t) if t is not None else self.loss_fn(y)
                         y = loss * (sizes[a.mb] / total)
                         loss_sum += y.detach().double()
+                        if grad_scaler is not None:
+                            y = grad_scaler.scale(y)
                     else:
                         nxt_rank, nxt_chunk = sched.place(s + 1)
                         if nxt_rank == self.rank:
@@ -337,6 +419,8 @@ class PipelineExecutor:
                 elif a.kind == "P2":
                     twobp.backward_p2(module, microbatches=a.mbs, batched=True, store=store)
                 records.append((str(a), a.kind, t0, self._clock.mark(), None))
+                if self._sync.buckets:
+                    self._sync.launch_ready(i, self._clock.mark)
             self._p2p.drain()
         except Exception as e:
             raise PipelineError(
@@ -344,8 +428,12 @@ class PipelineExecutor:
                 f"({acts[i] if 0 <= i < len(acts) else '?'}) of schedule {sched.name!r}: "
                 f"{type(e).__name__}: {e}\n{self._where(i)}") from e
         self._shape_key = batch_key
-        carrying = bool(self._carry_acts) and optimizer is not None
-        if self._carry_acts and optimizer is None:  # nobody to step after them: run them now
+        # Carry only when this rank's optimizer step needs no other pipeline rank: tied copies,
+        # the global clipping norm and fp16's inf agreement are collectives that would make
+        # the other ranks wait for this one's carried work (and lose the overlap).
+        carrying = (bool(self._carry_acts) and optimizer is not None and clip_grad_norm is None
+                    and grad_scaler is None and not self._sync.tied)
+        if self._carry_acts and not carrying:  # run them now, at the end of this step
             self._run_p2_actions(self._carry_acts, records)
         empty = (self._store_holds_only_carried(store, carrying)
                  and not (act_in or grad_in or saved or out_act or out_grad))
@@ -355,12 +443,15 @@ class PipelineExecutor:
             self._collective("the loss broadcast", dist.broadcast, loss_sum,
                              src=src if self.group is None else dist.get_global_rank(self.group, src),
                              group=self.group)
+        self._grad_norm = None
         if carrying:
-            self._owed, self._owed_opt = list(self._carry_acts), (optimizer, lr_scheduler)
-        elif optimizer is not None:
-            t0 = self._clock.mark()
-            self._step_optimizer(optimizer, lr_scheduler)
-            records.append(("optim", "optim", t0, self._clock.mark(), None))
+            self._owed = list(self._carry_acts)
+            self._owed_opt = (optimizer, lr_scheduler, clip_grad_norm, grad_scaler)
+        else:
+            if self._sync.active:
+                self._sync.finish(self._clock.mark, records)
+            if optimizer is not None:
+                self._step_optimizer((optimizer, lr_scheduler, clip_grad_norm, grad_scaler), records)
         timeline = costs = rank_events = None
         if measure or not self._clock.cuda:  # CUDA event times need a synchronize
             secs = self._clock.seconds()
@@ -376,7 +467,7 @@ class PipelineExecutor:
             costs = measured_costs(sched, rows)
         return StepResult(loss=float(loss_sum), timeline=timeline, costs=costs,
                           peak_store_bytes=peak, store_empty=empty, rank_events=rank_events,
-                          carried=sum(len(a.mbs) for a in self._owed))
+                          carried=sum(len(a.mbs) for a in self._owed), grad_norm=self._grad_norm)
 
     # ---- carried work (overlap_steps) ---------------------------------------------------
     def flush(self) -> None:
@@ -395,11 +486,11 @@ class PipelineExecutor:
     def _run_owed(self, records: list) -> None:
         acts, self._owed = self._owed, []
         self._run_p2_actions(acts, records)
+        if self._sync.active:
+            self._sync.finish(self._clock.mark, records)
         if self._owed_opt is not None:
-            (opt, sched), self._owed_opt = self._owed_opt, None
-            t0 = self._clock.mark()
-            self._step_optimizer(opt, sched)
-            records.append(("optim", "optim", t0, self._clock.mark(), None))
+            args, self._owed_opt = self._owed_opt, None
+            self._step_optimizer(args, records)
 
     def _run_p2_actions(self, acts, records: list) -> None:
         import twobp
@@ -409,10 +500,55 @@ class PipelineExecutor:
             twobp.backward_p2(self.stages[a.chunk], microbatches=a.mbs, batched=True, store=self.store)
             records.append((str(a), "P2", t0, self._clock.mark(), None))
 
-    def _step_optimizer(self, optimizer, lr_scheduler) -> None:
-        optimizer.step()
+    def _step_optimizer(self, args: tuple, records: list) -> None:
+        """Unscale (fp16), agree on infs, clip by the global norm, step, schedule."""
+        optimizer, lr_scheduler, clip, scaler = args
+        t0 = self._clock.mark()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            self._agree_on_inf(scaler, optimizer)
+        if clip is not None:
+            self._grad_norm = self._clip(float(clip))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
+        records.append(("optim", "optim", t0, self._clock.mark(), None))
+
+    def _all_ranks_group(self):
+        """The group spanning every rank of this pipeline and its replicas."""
+        return None if (self.mesh is not None or self.group is None) else self.group
+
+    def _agree_on_inf(self, scaler, optimizer) -> None:
+        # GradScaler decides per rank; a step skipped on one rank only would split the model.
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        flag = torch.zeros((), dtype=torch.float32, device=self.device)
+        for v in found.values():
+            flag = torch.maximum(flag, v.to(flag.device, torch.float32))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._all_ranks_group())
+        for v in found.values():
+            v.fill_(float(flag))
+
+    def _clip(self, max_norm: float) -> float:
+        """Global-norm clipping over the whole model: this rank's squared norm (a tied copy
+        only on the lowest of its ranks), summed over the pipeline; replicas already agree."""
+        tied_not_mine = {id(prm) for prm, g in self._sync.tied if dist.get_rank() != min(dist.get_process_group_ranks(g))}
+        grads = [prm.grad for prm in self.parameters() if prm.grad is not None and id(prm) not in tied_not_mine]
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in grads:
+            sq += g.detach().double().square().sum()
+        if dist.get_world_size(self.group) > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            for prm in self.parameters():
+                if prm.grad is not None:
+                    prm.grad.mul_(coef)
+        return norm
 
     def _store_holds_only_carried(self, store, carrying: bool) -> bool:
         if not carrying:

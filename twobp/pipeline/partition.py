@@ -95,26 +95,51 @@ def _owner_map(blocks: Sequence[BlockLike]) -> dict[int, list[tuple[int, str]]]:
     return seen
 
 
-def check_shared_parameters(blocks: Sequence[BlockLike], part: Partition, *, ranks: int) -> None:
-    """Raise :class:`SharedParameterError` naming a parameter used on two ranks."""
+@dataclass(frozen=True)
+class SharedAcrossRanks:
+    """A parameter used by blocks that live on more than one pipeline rank."""
+
+    names: tuple[str, ...]
+    """``"<block>.<name>"`` of every use, in block order."""
+    blocks: tuple[int, ...]
+    """Block indices that use it."""
+    ranks: tuple[int, ...]
+    """Pipeline ranks holding a copy (stage s lives on rank ``s % ranks``)."""
+
+
+def shared_across_ranks(blocks: Sequence[BlockLike], part: Partition, *, ranks: int) -> list[SharedAcrossRanks]:
+    """Parameters shared by blocks on different ranks, in the order of their first block
+    (the same on every rank that builds the same blocks)."""
     stage_of_block = {}
     for s in range(part.num_stages):
         for i in part.blocks_of(s):
             stage_of_block[i] = s
+    out = []
     for uses in _owner_map(blocks).values():
         stages = sorted({stage_of_block[i] for i, _ in uses})
-        rank_set = sorted({s % ranks for s in stages})
+        rank_set = tuple(sorted({s % ranks for s in stages}))
         if len(rank_set) > 1:
-            names = " and ".join(n for _, n in uses)
-            raise SharedParameterError(
-                f"parameter {names} is shared by stages {stages} on ranks {rank_set}; its "
-                "gradient would be split across processes. Put those blocks on one rank (change "
-                "the partition), or untie the parameter and synchronise it yourself")
+            out.append(SharedAcrossRanks(tuple(n for _, n in uses), tuple(sorted({i for i, _ in uses})), rank_set))
+    return sorted(out, key=lambda x: (x.blocks, x.names))
+
+
+def check_shared_parameters(blocks: Sequence[BlockLike], part: Partition, *, ranks: int) -> None:
+    """Raise :class:`SharedParameterError` naming a parameter used on two ranks (for callers
+    that cannot synchronise it; the executor all-reduces such tied copies instead)."""
+    shared = shared_across_ranks(blocks, part, ranks=ranks)
+    if shared:
+        first = shared[0]
+        raise SharedParameterError(
+            f"parameter {' and '.join(first.names)} is shared by blocks {list(first.blocks)} on ranks "
+            f"{list(first.ranks)}; its gradient would be split across processes. Put those blocks on one "
+            "rank (change the partition), or run them with twobp's PipelineExecutor, which keeps a copy "
+            "on each rank and sums their gradients")
 
 
 def partition_blocks(blocks: Sequence[BlockLike] | nn.Sequential, *, num_stages: int, ranks: int,
                      stages_wanted: Sequence[int], costs: Sequence[float] | None = None,
-                     bounds: Sequence[int] | None = None) -> tuple[Partition, dict[int, nn.Sequential]]:
+                     bounds: Sequence[int] | None = None,
+                     allow_shared: bool = False) -> tuple[Partition, dict[int, nn.Sequential]]:
     """Cut ``blocks`` into ``num_stages`` stages and build those in ``stages_wanted``.
 
     ``ranks``: pipeline ranks (stage s lives on rank ``s % ranks``), for the sharing check.
@@ -136,7 +161,8 @@ def partition_blocks(blocks: Sequence[BlockLike] | nn.Sequential, *, num_stages:
         part = Partition(bounds)
     else:
         part = balance(len(blocks), num_stages, costs)
-    check_shared_parameters(blocks, part, ranks=ranks)
+    if not allow_shared:
+        check_shared_parameters(blocks, part, ranks=ranks)
     built = {}
     for s in stages_wanted:
         mods = OrderedDict()

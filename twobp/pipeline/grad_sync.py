@@ -1,0 +1,125 @@
+"""Gradient synchronisation after a step's weight gradients: tied copies and replicas.
+
+Two reductions, both linear, so their order does not matter:
+
+* **Tied parameters across pipeline ranks** (a tied embedding on the first stage and the
+  LM head on the last): every owning rank holds a copy, and each copy's gradient is the
+  sum of all owners' gradients (all-reduce SUM over the owners), as one process holding
+  the parameter once would accumulate. The optimizer then takes the same step on every
+  copy, so the copies stay bit-identical.
+* **Data-parallel replicas** (``dp_group``): the mean over replicas (all-reduce SUM, then
+  divided by their number), which makes a replica's gradient that of the global batch.
+
+Replica all-reduces are **bucketed** (``bucket_bytes``, about 25 MB by default) and
+**overlapped**: a chunk's gradients are final after its last P2 (or fused B / P1 for
+parameters autograd fills), so its buckets are launched asynchronously right after that
+action and only waited for before the optimizer step; they hide behind the P2 of other
+chunks and the bubble, as Megatron's overlapped grad reduce does for zero-bubble
+schedules. Tied parameters are reduced at the end, synchronously (one small tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GradSync", "Bucket"]
+
+
+@dataclass
+class Bucket:
+    """Parameters of one chunk whose gradients travel as one flat tensor."""
+
+    chunk: int
+    params: list[nn.Parameter]
+    work: object = None
+    flat: torch.Tensor | None = None
+    launched_mark: int | None = None
+
+
+@dataclass
+class GradSync:
+    """See the module docstring. ``ready_after[c]``: index of the action after which chunk
+    c's gradients are final in a step (None: only at the end, e.g. carried P2)."""
+
+    buckets: list[Bucket]
+    ready_after: dict[int, int | None]
+    dp_group: dist.ProcessGroup | None
+    tied: list[tuple[nn.Parameter, dist.ProcessGroup]] = field(default_factory=list)
+    dp_size: int = 1
+
+    @classmethod
+    def build(cls, params_by_chunk: dict[int, Sequence[nn.Parameter]], ready_after: dict[int, int | None], *,
+              dp_group: dist.ProcessGroup | None, tied: list[tuple[nn.Parameter, dist.ProcessGroup]],
+              bucket_bytes: int) -> "GradSync":
+        tied_ids = {id(p) for p, _ in tied}
+        buckets: list[Bucket] = []
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            for c, params in params_by_chunk.items():
+                current: dict[torch.dtype, Bucket] = {}
+                size: dict[torch.dtype, int] = {}
+                # roughly the order backward finishes them: last registered first
+                for p in reversed([p for p in params if p.requires_grad and id(p) not in tied_ids]):
+                    dtype = getattr(p, "grad_dtype", None) or p.dtype
+                    b = current.get(dtype)
+                    nbytes = p.numel() * torch.empty((), dtype=dtype).element_size()
+                    if b is None or size[dtype] + nbytes > bucket_bytes:
+                        b = current[dtype] = Bucket(c, [])
+                        size[dtype] = 0
+                        buckets.append(b)
+                    b.params.append(p)
+                    size[dtype] += nbytes
+        dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        return cls(buckets, dict(ready_after), dp_group, list(tied), dp_size)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.buckets or self.tied)
+
+    def launch_ready(self, index: int, mark: Callable[[], int]) -> None:
+        """Launch the buckets of every chunk that became final with action ``index``."""
+        for b in self.buckets:
+            if b.work is None and self.ready_after.get(b.chunk) == index:
+                self._launch(b, mark)
+
+    def _launch(self, b: Bucket, mark: Callable[[], int]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None)
+                                                                     or p.dtype) for p in b.params]
+        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.launched_mark = mark()
+        b.work = dist.all_reduce(b.flat, op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True)
+
+    def finish(self, mark: Callable[[], int], records: list) -> None:
+        """Tie sums, the rest of the replica buckets, every wait, and the unflatten; records
+        one ``allreduce`` event per bucket (launch to completion) into ``records``."""
+        for p, group in self.tied:
+            t0 = mark()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None) or p.dtype)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+            if self.dp_size > 1:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
+                p.grad.div_(self.dp_size)
+            records.append(("allreduce[tied]", "allreduce", t0, mark(), None))
+        for b in self.buckets:
+            if b.work is None:
+                self._launch(b, mark)
+        for b in self.buckets:
+            b.work.wait()
+            b.flat.div_(self.dp_size)
+            offset = 0
+            for p in b.params:
+                n = p.numel()
+                part = b.flat[offset:offset + n].view_as(p)
+                if p.grad is None:
+                    p.grad = part.clone()
+                else:
+                    p.grad.copy_(part)
+                offset += n
+            records.append((f"allreduce[chunk {b.chunk}, {len(b.params)} params]", "allreduce",
+                            b.launched_mark, mark(), None))
+            b.work = b.flat = b.launched_mark = None
