@@ -61,10 +61,11 @@ class _SplitFunction(torch.autograd.Function):
             tensors = tensors[:-1]  # the anchor (see split_apply)
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         in_needs = tuple(t is not None and t.requires_grad for t in inputs)
-        # ops read requires_grad off the parameters to decide what p2 needs: give them the
-        # real ones (grad mode is off in here, so nothing records a graph)
-        out, p1, p2 = op.forward(inputs, real_params if split is not None else params,
-                                 save_p1=any(in_needs), save_p2=any(p_needs))
+        if split is not None:
+            # ops read requires_grad off the parameters to decide what p2 needs: flag the
+            # detached ones as the real ones are (grad mode is off in here: no graph)
+            params = tuple(None if a is None else a.detach().requires_grad_(need) for a, need in zip(params, p_needs))
+        out, p1, p2 = op.forward(inputs, params, save_p1=any(in_needs), save_p2=any(p_needs))
         p1, p2 = _detached(p1), _detached(p2)
         ctx.op, ctx.in_needs, ctx.p_needs = op, in_needs, p_needs
         ctx.n_in, ctx.n_params = n_inputs, len(params)
@@ -135,17 +136,52 @@ def _differentiable_grads(op: SplitOp, dy: Tensor, inputs: tuple, params: tuple,
 
 def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tensor],
                 params: Sequence[Tensor | None]) -> Tensor:
-    """Apply ``op`` to ``inputs`` with ``params``, with the split backward wired in."""
-    params = tuple(params)
+    """Apply ``op`` to ``inputs`` with ``params``, with the split backward wired in.
+
+    Under ``torch.autocast`` the op's inputs and parameters are first cast as torch casts
+    its own op of that kind (``op.autocast``): matmul-like ops (linear, conv, attention) to
+    the autocast dtype; norms on CUDA to fp32, on CPU left as they are (torch's CPU norms
+    take a half input with fp32 weights and compute in fp32). The casts are autograd ops,
+    so gradients reach the fp32 parameters; in a split region p2 accumulates the weight
+    gradient into the fp32 parameter's ``.grad``.
+    """
+    inputs, params = tuple(inputs), tuple(params)
+    device = next((t.device.type for t in inputs if t is not None), "cpu")
+    if torch.is_autocast_enabled(device):
+        cast_in, cast_p = _autocast_args(op, device, inputs, params)
+        with torch.autocast(device, enabled=False):
+            return _split_apply(op, owner, label, cast_in, params, cast_p)
+    return _split_apply(op, owner, label, inputs, params, params)
+
+
+def _autocast_args(op: SplitOp, device: str, inputs: tuple, params: tuple) -> tuple[tuple, tuple]:
+    policy = getattr(op, "autocast", None)
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device)
+    elif policy == "fp32" and device == "cuda":
+        dtype = torch.float32
+    else:
+        return inputs, params
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+
+    return tuple(cast(t) for t in inputs), tuple(cast(p) for p in params)
+
+
+def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params: tuple,
+                 compute_params: tuple) -> Tensor:
+    """``params``: the parameters themselves (whose ``.grad`` p2 fills); ``compute_params``:
+    what the op computes with (the same, or their autocast copies)."""
     p_needs = tuple(p is not None and p.requires_grad for p in params)
     split = current_split()
     if not torch.is_grad_enabled():
         if split is not None and any(p_needs) and _under_reentrant_checkpoint():
             _warn_split_off(label)
-        out, _, _ = op.forward(tuple(inputs), params, save_p1=False, save_p2=False)
+        out, _, _ = op.forward(inputs, compute_params, save_p1=False, save_p2=False)
         return out
-    if not any(t is not None and t.requires_grad for t in (*inputs, *params)):
-        out, _, _ = op.forward(tuple(inputs), params, save_p1=False, save_p2=False)
+    if not any(t is not None and t.requires_grad for t in (*inputs, *compute_params)):
+        out, _, _ = op.forward(inputs, compute_params, save_p1=False, save_p2=False)
         return out
     if split is not None and any(p_needs) and not _in_backward():
         _refuse_ddp_forward(label)
@@ -153,10 +189,10 @@ def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tenso
         # views share their version counters, so in-place edits are still caught. The
         # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
         # input needs a gradient (a first layer), so that p1 runs and readies p2.
-        args = tuple(p.detach() if p is not None else None for p in params)
+        args = tuple(p.detach() if p is not None else None for p in compute_params)
         return _SplitFunction.apply(op, owner, label, len(inputs), split, p_needs, params, *inputs, *args,
                                     _anchor())
-    return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *params)
+    return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *compute_params)
 
 
 def _under_reentrant_checkpoint() -> bool:

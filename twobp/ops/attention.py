@@ -186,6 +186,7 @@ class AttentionCoreOp(SplitOp):
     causal: bool = False
     sm_scale: float | None = None
     name = "attention"
+    autocast = "lower"  # under torch.autocast: run in the autocast dtype, as SDPA does
 
     def __post_init__(self) -> None:
         if not isinstance(self.causal, bool):

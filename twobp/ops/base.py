@@ -44,6 +44,9 @@ class SplitOp(abc.ABC):
     """One op family's forward / p1 / p2 (see module docstring)."""
 
     name: str = "op"
+    autocast: str | None = None
+    """How torch.autocast treats the op: ``"lower"`` (the autocast dtype, matmul-like),
+    ``"fp32"`` (fp32 on CUDA, as-is on CPU: norms), None (not at all)."""
 
     @abc.abstractmethod
     def forward(self, inputs: tuple[Tensor, ...], params: tuple[Tensor | None, ...], *,

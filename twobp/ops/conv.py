@@ -159,6 +159,7 @@ class Conv2dOp(SplitOp):
     groups: int = 1
 
     name = "conv2d"  # not a field: a class attribute, as SplitOp's
+    autocast = "lower"  # under torch.autocast: run in the autocast dtype, as F.conv2d does
 
     def __post_init__(self) -> None:
         if self.groups != 1:

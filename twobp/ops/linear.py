@@ -52,6 +52,7 @@ class LinearOp(SplitOp):
     """The split linear op (see module docstring). Stateless: one instance serves all."""
 
     name = "linear"
+    autocast = "lower"  # under torch.autocast: run in the autocast dtype, as F.linear does
 
     def forward(self, inputs, params, *, save_p1, save_p2):
         (x,), (weight, bias) = inputs, params

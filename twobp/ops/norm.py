@@ -97,7 +97,7 @@ def layer_norm_fwd_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 def rms_norm_fwd_ref(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """(Y, rstd): Y = X rstd γ, rstd = 1 / sqrt(mean(X²) + eps) (fp32 for half inputs)."""
-    if _has_fused_rms():
+    if _has_fused_rms() and (weight is None or weight.dtype == x.dtype):
         y, rstd = _ATEN._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         if rstd.dtype == _compute_dtype(x):
             return y, _stat(rstd, x)
@@ -218,7 +218,13 @@ def _flatten_checked(what: str, x: Tensor, normalized_size: int | None,
     for name, p in params.items():
         if p is not None and tuple(p.shape) != (x.shape[-1],):
             raise ValueError(f"{what}: {name} has shape {tuple(p.shape)}, expected ({x.shape[-1]},)")
-    check_same_dtype_device(what, x, **params)
+    if x.dtype in (torch.float16, torch.bfloat16) and resolve_backend(x.device) == "torch":
+        # as torch's CPU norms (what autocast hands them): a half input with fp32 weights,
+        # computed in fp32
+        check_same_dtype_device(what, x, **{k: (p.to(x.dtype) if p is not None and p.dtype == torch.float32
+                                                else p) for k, p in params.items()})
+    else:
+        check_same_dtype_device(what, x, **params)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 and n > 1:
@@ -241,6 +247,7 @@ class LayerNormOp(SplitOp):
     eps: float
     normalized_size: int | None = None
     name: ClassVar[str] = "layer_norm"
+    autocast: ClassVar[str] = "fp32"  # under torch.autocast: fp32 on CUDA, as torch's LayerNorm
 
     def forward(self, inputs, params, *, save_p1, save_p2):
         (x,), (weight, bias) = inputs, params
@@ -341,6 +348,7 @@ class RMSNormOp(SplitOp):
     eps: float
     normalized_size: int | None = None
     name: ClassVar[str] = "rms_norm"
+    autocast: ClassVar[str] = "fp32"  # under torch.autocast: fp32 on CUDA, as torch's RMSNorm
 
     def forward(self, inputs, params, *, save_p1, save_p2):
         (x,), (weight,) = inputs, params
