@@ -147,11 +147,18 @@ def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tenso
     """
     inputs, params = tuple(inputs), tuple(params)
     device = next((t.device.type for t in inputs if t is not None), "cpu")
-    if torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         cast_in, cast_p = _autocast_args(op, device, inputs, params)
         with torch.autocast(device, enabled=False):
             return _split_apply(op, owner, label, cast_in, params, cast_p)
     return _split_apply(op, owner, label, inputs, params, params)
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
 
 
 def _autocast_args(op: SplitOp, device: str, inputs: tuple, params: tuple) -> tuple[tuple, tuple]:
