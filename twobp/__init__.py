@@ -12,9 +12,11 @@ Public API:
 * :func:`split_backward`, :func:`backward_p2`: the split itself
 * :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
 * :func:`use_backend`: force the Triton kernels or the torch reference
+* :class:`MasterWeights`: bf16/fp16 parameters with fp32 master weights and optimizer state
 """
 
 from .backend import resolve_backend, use_backend
+from .optim import MasterWeights
 from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPLayerNorm, TwoBPLinear, TwoBPModule, TwoBPRMSNorm,
                  convert, label_modules, revert)
 from .split import backward_p2, pending_microbatches, split_backward
@@ -26,6 +28,7 @@ __all__ = [
     "ActivationStore",
     "ConversionReport",
     "LeakError",
+    "MasterWeights",
     "MemoryReport",
     "TwoBPAttention",
     "TwoBPConv2d",
