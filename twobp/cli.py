@@ -99,6 +99,10 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--stages", type=int, default=d.stages, help="pipeline ranks (processes)")
     g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved)")
     g.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")
+    g.add_argument("--dp", type=int, default=d.dp,
+                   help="data-parallel replicas of the pipeline: --stages x --dp processes, gradients averaged "
+                        "over replicas, overlapped with the schedule (default 1)")
+    g.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="size of the replica all-reduce buckets")
     g.add_argument("--overlap-steps", dest="overlap_steps", action=argparse.BooleanOptionalAction,
                    default=d.overlap_steps,
                    help="2BP schedules carry trailing P2 and the rank's optimizer step into the next step's "
@@ -115,6 +119,11 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--steps", type=int, default=30 if job == "run" else d.steps, help="optimizer steps per schedule")
     g.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the throughput")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"],
+                   help="parameter dtype; bf16/fp16 keep fp32 gradients, master weights and AdamW state "
+                        "(twobp.MasterWeights), fp16 adds a loss scaler")
+    g.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                   help="clip the whole model's gradient norm (over every rank) to MAX before each step")
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
                    help="auto: cuda (NCCL, Triton) when there are enough GPUs, else cpu (gloo, torch reference)")
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank on CPU")
@@ -139,7 +148,8 @@ def _job_main(args: argparse.Namespace) -> int:
                         microbatches=args.microbatches, batch_size=args.batch_size, variants=variants,
                         steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed, device=args.device,
                         threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,
-                        overlap_steps=args.overlap_steps,
+                        overlap_steps=args.overlap_steps, dp=args.dp, dtype=args.dtype,
+                        clip_grad_norm=args.clip_grad_norm, bucket_mb=args.bucket_mb,
                         out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet)
         cfg.preflight()
         if args.json:
@@ -153,8 +163,10 @@ def _job_main(args: argparse.Namespace) -> int:
     machine = machine_name(device) if device.type == "cuda" else f"{machine_name(device).split(' (')[0]}"
     is_rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
     if is_rank0:
-        print(f"twobp {args.job}: {cfg.model}/{cfg.preset}, {cfg.stages} stages x {cfg.chunks} chunks, "
-              f"{cfg.microbatches} micro-batches of {cfg.batch_size // cfg.microbatches}+ rows, {cfg.steps} steps, "
+        print(f"twobp {args.job}: {cfg.model}/{cfg.preset}, {cfg.stages} stages x {cfg.chunks} chunks"
+              f"{f' x {cfg.dp} replicas' if cfg.dp > 1 else ''}, {cfg.dtype}, "
+              f"{cfg.microbatches} micro-batches of {cfg.batch_size // cfg.dp // cfg.microbatches}+ rows"
+              f"{' per replica' if cfg.dp > 1 else ''}, {cfg.steps} steps, "
               f"{'NCCL + Triton' if device.type == 'cuda' else f'gloo, {cfg.threads} thread(s)/rank'} on "
               f"{machine}; schedules: {', '.join(v.label for v in cfg.variants)}", flush=True)
     results = run_job(cfg)

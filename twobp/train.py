@@ -85,6 +85,16 @@ class JobConfig:
     overlap_steps: bool = True
     """2BP schedules carry trailing P2 (and the rank's optimizer step) into the next step's
     fill where the cost model says it shortens the step (``PipelineExecutor(overlap_steps=)``)."""
+    dp: int = 1
+    """Data-parallel replicas of the pipeline: stages x dp processes, gradients averaged over
+    replicas (each replica takes batch_size / dp rows of every step's batch)."""
+    dtype: str = "fp32"
+    """Parameter dtype: fp32, bf16 (fp32 gradients, fp32 master weights and optimizer state:
+    twobp.MasterWeights) or fp16 (the same, with a GradScaler)."""
+    clip_grad_norm: float | None = None
+    """Clip the whole model's gradient norm (over every rank) to this before each step."""
+    bucket_mb: float = 25.0
+    """Size of the data-parallel all-reduce buckets."""
     out: str | None = "runs/latest"
     """Folder for the timeline traces/pictures and results (None: write nothing)."""
     checkpoint: str | None = None
@@ -95,7 +105,7 @@ class JobConfig:
     """No per-step progress lines."""
 
     def __post_init__(self) -> None:
-        for name in ("stages", "chunks", "microbatches", "batch_size", "steps", "threads"):
+        for name in ("stages", "chunks", "microbatches", "batch_size", "steps", "threads", "dp"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -105,11 +115,23 @@ class JobConfig:
         if self.batch_size < self.microbatches:
             raise ValueError(f"batch_size={self.batch_size} cannot make {self.microbatches} micro-batches; "
                              f"use --batch-size >= {self.microbatches}")
+        if self.batch_size % self.dp or self.batch_size // self.dp < self.microbatches:
+            raise ValueError(f"batch_size={self.batch_size} must split into dp={self.dp} equal replica shares of at "
+                             f"least microbatches={self.microbatches} rows; use --batch-size "
+                             f"{self.dp * self.microbatches} or a multiple of it")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float))
+                                                    and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise ValueError(f"--clip-grad-norm must be a finite number > 0, got {self.clip_grad_norm!r}")
+        if not (isinstance(self.bucket_mb, (int, float)) and math.isfinite(self.bucket_mb) and self.bucket_mb > 0):
+            raise ValueError(f"--bucket-mb must be a finite number > 0, got {self.bucket_mb!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and torch.cuda.device_count() < self.stages and "RANK" not in os.environ:
-            raise ValueError(f"--device cuda with {self.stages} stages needs {self.stages} GPUs, "
-                             f"{torch.cuda.device_count()} visible; use --device cpu or fewer --stages")
+        if self.device == "cuda" and torch.cuda.device_count() < self.stages * self.dp and "RANK" not in os.environ:
+            raise ValueError(f"--device cuda with {self.stages} stages x {self.dp} replicas needs "
+                             f"{self.stages * self.dp} GPUs, {torch.cuda.device_count()} visible; use --device cpu, "
+                             "fewer --stages or --dp, or torchrun across nodes")
         if not self.variants:
             raise ValueError("variants is empty: give at least one schedule")
         for name in ("lr", "timeout"):
@@ -126,7 +148,6 @@ class JobConfig:
         folder, and whether --out / --checkpoint can be written."""
         from . import models
         from .pipeline import SCHEDULE_NAMES, make_schedule
-        from .pipeline.partition import SharedParameterError, balance, check_shared_parameters
 
         overrides = {"tie_embeddings": self.tie_embeddings} if self.model == "llama" else {}
         if self.tie_embeddings and self.model != "llama":
@@ -150,11 +171,6 @@ class JobConfig:
                 warnings.simplefilter("ignore")  # too few micro-batches only warns; the run says so too
                 make_schedule(v.schedule, stages=self.stages, microbatches=self.microbatches, twobp=v.twobp,
                               chunks=self.chunks, validate_result=False)
-        try:
-            check_shared_parameters(blocks, balance(len(blocks), need), ranks=self.stages)
-        except SharedParameterError as e:
-            raise ValueError(f"{e} (--tie-embeddings with --stages {self.stages}: use --stages 1 or untie)") \
-                from None
         if self.resume:
             folder = Path(self.resume)
             if not folder.is_dir() or not any(folder.glob("stage-*.pt")):
@@ -164,10 +180,19 @@ class JobConfig:
             if folder:
                 _check_writable(flag, Path(folder))
 
+    @property
+    def world(self) -> int:
+        """Processes the job runs: pipeline stages x data-parallel replicas."""
+        return self.stages * self.dp
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
-        return "cuda" if torch.cuda.device_count() >= self.stages else "cpu"
+        return "cuda" if torch.cuda.device_count() >= self.world else "cpu"
 
 
 def _check_writable(flag: str, folder: Path) -> None:
@@ -199,6 +224,8 @@ class VariantResult:
     costs: dict | None = None
     carry: list[int] = field(default_factory=list)
     """P2 micro-batches each rank carried into the next step (empty: none)."""
+    replicas: int = 1
+    """Data-parallel replicas that shared each step's batch."""
 
     @property
     def label(self) -> str:
@@ -247,30 +274,48 @@ def _items_per_step(cfg: JobConfig, model) -> tuple[int, str]:
     return cfg.batch_size, "samples"
 
 
-def _build_model(cfg: JobConfig):
-    from . import models
+def _overrides(cfg: JobConfig) -> dict:
+    return {"tie_embeddings": cfg.tie_embeddings} if cfg.model == "llama" else {}
 
-    overrides = {"tie_embeddings": cfg.tie_embeddings} if cfg.model == "llama" else {}
-    torch.manual_seed(cfg.seed)
-    return models.build(cfg.model, cfg.preset, **overrides)
+
+def _build_stage_model(cfg: JobConfig, pp_rank: int, device):
+    """This rank's blocks only (the rest stay on the meta device), and the cut they follow.
+    Values equal the whole model built with the same seed."""
+    from . import models
+    from .pipeline.partition import balance
+
+    meta = models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg))
+    part = balance(len(meta.blocks()), cfg.stages * cfg.chunks)
+    mine = [i for s in range(cfg.stages * cfg.chunks) if s % cfg.stages == pp_rank for i in part.blocks_of(s)]
+    model = models.build_blocks(cfg.model, cfg.preset, blocks=mine, seed=cfg.seed, device=device,
+                                dtype=cfg.torch_dtype, **_overrides(cfg))
+    return model, part
 
 
 class _Run:
     """One variant's executor, optimizer and record on this rank."""
 
-    def __init__(self, cfg: JobConfig, variant: Variant, world: int, device, costs):
+    def __init__(self, cfg: JobConfig, variant: Variant, mesh, device, costs):
         from .checkpoint import load_stage_state
+        from .optim import MasterWeights
         from .pipeline import PipelineExecutor, make_schedule
 
-        model = _build_model(cfg)
+        pp_rank = mesh.get_local_rank("pp")
+        model, part = _build_stage_model(cfg, pp_rank, device)
         overlap = cfg.overlap_steps and variant.twobp
-        sched = make_schedule(variant.schedule, stages=world, microbatches=cfg.microbatches,
+        sched = make_schedule(variant.schedule, stages=cfg.stages, microbatches=cfg.microbatches,
                               twobp=variant.twobp, chunks=cfg.chunks, costs=costs, overlap_steps=overlap)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, device=device,
-                                   timeout=cfg.timeout, overlap_steps=overlap)
+                                   timeout=cfg.timeout, overlap_steps=overlap, bounds=part.bounds, mesh=mesh,
+                                   bucket_mb=cfg.bucket_mb)
         if cfg.resume:
             load_stage_state(self.ex, cfg.resume)
-        self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
+        params = list(self.ex.parameters())
+        self.opt = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.dtype == "fp32"
+                    else MasterWeights(params, torch.optim.AdamW, lr=cfg.lr))
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None
+        self.clip = cfg.clip_grad_norm
+        self.mesh = mesh
         self.variant, self.schedule = variant, sched
         self.items, self.unit = _items_per_step(cfg, model)
         self.losses: list[float] = []
@@ -278,16 +323,24 @@ class _Run:
         self.last = None
 
     def step(self, x, y, *, measure: bool) -> float:
+        from .pipeline import replica_slice
+
         t0 = time.perf_counter()
-        self.last = self.ex.step(x, y, optimizer=self.opt, measure=measure)
+        self.last = self.ex.step(replica_slice(x, self.mesh), replica_slice(y, self.mesh), optimizer=self.opt,
+                                 measure=measure, clip_grad_norm=self.clip, grad_scaler=self.scaler)
         wall = time.perf_counter() - t0
-        self.losses.append(self.last.loss)
+        loss = self.last.loss
+        if self.mesh.size(0) > 1:  # the global batch's loss: the mean over replicas
+            t = torch.tensor(loss, dtype=torch.float64)
+            dist.all_reduce(t, group=self.mesh.get_group("dp"))
+            loss = float(t) / self.mesh.size(0)
+        self.losses.append(loss)
         return wall
 
 
-def _probe_costs(cfg: JobConfig, world: int, device, data) -> dict:
+def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
     """Per-stage F / P1 / P2 costs, measured on a throw-away 1F1B + 2BP run (its second step)."""
-    probe = _Run(cfg, Variant("1f1b", True), world, device, None)
+    probe = _Run(cfg, Variant("1f1b", True), mesh, device, None)
     for k in range(2):
         x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
         probe.step(x.to(device), y.to(device), measure=k == 1)
@@ -300,17 +353,22 @@ def _probe_costs(cfg: JobConfig, world: int, device, data) -> dict:
 def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
     from .checkpoint import save_stage_state
 
+    from . import models
+    from .pipeline import init_mesh
+
     device_kind = cfg.resolved_device()
     if device_kind == "cpu":
         torch.set_num_threads(cfg.threads)
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    data = batch_source(cfg.model, _build_model(cfg))
+    mesh = init_mesh(pp=cfg.stages, dp=cfg.dp)
+    pp_group = mesh.get_group("pp")
+    data = batch_source(cfg.model, models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg)))
     # auto places its P2 by measured costs; carried P2 is sized by them too
     wants_costs = any(v.twobp and (v.schedule == "auto" or cfg.overlap_steps) for v in cfg.variants)
-    costs = _probe_costs(cfg, world, device, data) if wants_costs else None
-    runs = [_Run(cfg, v, world, device, costs if v.twobp else None) for v in cfg.variants]
+    costs = _probe_costs(cfg, mesh, device, data) if wants_costs else None
+    runs = [_Run(cfg, v, mesh, device, costs if v.twobp else None) for v in cfg.variants]
     n = len(runs)
     for step in range(cfg.steps):
         x, y = data.batch(step, cfg.batch_size, seed=cfg.seed)
@@ -330,18 +388,18 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
     results = []
     for run in runs:
         run.ex.flush()  # carried P2 and optimizer steps: the weights are final from here on
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (run.last.peak_store_bytes, run.last.store_empty))
+        gathered: list[Any] = [None] * cfg.stages
+        dist.all_gather_object(gathered, (run.last.peak_store_bytes, run.last.store_empty), group=pp_group)
         peaks = [g[0] for g in gathered]
         empty = all(g[1] for g in gathered)
-        if cfg.checkpoint and run is runs[-1]:
+        if cfg.checkpoint and run is runs[-1] and mesh.get_local_rank("dp") == 0:
             save_stage_state(run.ex, cfg.checkpoint)
         last = run.last
         results.append(dict(schedule=run.variant.schedule, twobp=run.variant.twobp, losses=run.losses,
                             step_seconds=run.seconds, items_per_step=run.items, unit=run.unit,
                             bubble_fraction=last.timeline.bubble_fraction() if last.timeline else math.nan,
                             peak_bytes=peaks, store_empty=empty, timeline=last.timeline, costs=last.costs,
-                            carry=list(run.schedule.carry)))
+                            carry=list(run.schedule.carry), replicas=cfg.dp))
     del runs
     return results if rank == 0 else None
 
@@ -357,15 +415,15 @@ def run_job(cfg: JobConfig) -> list[VariantResult]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
         rank, world = init_from_env(backend=backend, timeout=cfg.timeout)
-        if world != cfg.stages:
-            raise ValueError(f"torchrun started {world} processes but --stages is {cfg.stages}; "
-                             f"use --nproc_per_node/--nnodes for {cfg.stages} ranks")
+        if world != cfg.world:
+            raise ValueError(f"torchrun started {world} processes but --stages x --dp is {cfg.world}; "
+                             f"use --nproc_per_node/--nnodes for {cfg.world} ranks")
         raw = _worker(rank, world, cfg)
         dist.barrier()
         return [VariantResult(**r) for r in raw] if raw else []
     backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
     env = {"OMP_NUM_THREADS": str(cfg.threads)} if backend == "gloo" else {}
-    per_rank = spawn(_worker, world_size=cfg.stages, args=(cfg,), backend=backend, timeout=cfg.timeout,
+    per_rank = spawn(_worker, world_size=cfg.world, args=(cfg,), backend=backend, timeout=cfg.timeout,
                      join_timeout=cfg.timeout * 2 + 60 + 30 * (cfg.steps + 2) * len(cfg.variants), env=env)
     return [VariantResult(**r) for r in per_rank[0]]
 
@@ -377,9 +435,11 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
     its interquartile range; when that range holds 1.00 the difference is within noise."""
     base = results[baseline]
     unit = base.unit
-    rows = [f"| schedule | 2BP | carry | {unit}/s | vs {base.label} (median of paired steps) | IQR | verdict | "
+    dp = base.replicas
+    per = f" | {unit}/s per replica" if dp > 1 else ""
+    rows = [f"| schedule | 2BP | carry | {unit}/s{per} | vs {base.label} (median of paired steps) | IQR | verdict | "
             "bubble (last step) | peak saved bytes per stage | final loss |",
-            "|---|---|---|---:|---:|---|---|---:|---|---:|"]
+            "|---|---|---|---:|" + ("---:|" if dp > 1 else "") + "---:|---|---|---:|---|---:|"]
     for r in results:
         med, q1, q3 = r.speedup_over(base)
         if r is base:
@@ -389,7 +449,8 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
         else:
             verdict = "faster" if med > 1 else "slower"
         carry = ",".join(map(str, r.carry)) if r.carry else "-"
-        rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f} | "
+        rep = f" | {r.throughput / dp:,.0f}" if dp > 1 else ""
+        rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f}{rep} | "
                     f"{med:.3f}x | {q1:.3f}-{q3:.3f} | {verdict} | {r.bubble_fraction:.1%} | "
                     f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
     return "\n".join(rows)

@@ -91,3 +91,28 @@ def test_help_explains_every_command():
         proc = subprocess.run([sys.executable, "-m", "twobp.cli", *cmd], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (cmd, proc.stderr)
         assert "usage:" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_dp2_gives_the_losses_of_dp1_on_the_same_global_batch():
+    """`train --dp 2 --stages 2` (4 processes): the same per-step losses as --dp 1 on the same
+    global batch, with the tied embedding/head across ranks and global-norm clipping on."""
+    base = dict(stages=2, microbatches=2, batch_size=8, steps=3, warmup=1, timeout=60.0, quiet=True, out=None,
+                variants=(Variant("1f1b", True), Variant("1f1b", False)), tie_embeddings=True, clip_grad_norm=0.5)
+    one = run_job(JobConfig(dp=1, **base))
+    two = run_job(JobConfig(dp=2, **base))
+    for a, b in zip(one, two):
+        assert b.replicas == 2
+        assert b.losses == pytest.approx(a.losses, rel=1e-5), (a.label, a.losses, b.losses)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bf16_and_fp16_jobs_train():
+    for dtype in ("bf16", "fp16"):
+        res = run_job(JobConfig(stages=2, microbatches=2, batch_size=4, steps=3, warmup=1, timeout=60.0, quiet=True,
+                                out=None, dtype=dtype, variants=(Variant("1f1b", True),)))
+        losses = res[0].losses
+        assert all(l == l and l < 7 for l in losses), (dtype, losses)  # finite, and a byte LM's ln(256) ≈ 5.5
+        assert losses[-1] < losses[0], (dtype, losses)

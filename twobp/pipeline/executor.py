@@ -332,6 +332,10 @@ class PipelineExecutor:
                              "applies them around its optimizer step")
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be a number > 0, got {clip_grad_norm!r}")
+        if grad_scaler is not None:
+            # every rank's scaler must hold the scale the last stage's loss gets (they evolve
+            # alike from here, as every rank agrees on infs); scaling once sets it up
+            grad_scaler.scale(torch.zeros((), device=self.device))
         if measure:
             self._collective("the start-of-step barrier", dist.barrier, group=self.group)
         self._clock.start()
