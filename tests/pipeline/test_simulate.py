@@ -151,3 +151,13 @@ def test_simulate_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         simulate_main(["--help"])
     assert "Chrome/Perfetto" in capsys.readouterr().out
+
+
+def test_allreduce_cost_ends_the_step_after_the_last_final_gradient():
+    s = make_schedule("1f1b", stages=2, microbatches=4, twobp=True)
+    plain = simulate(s, dict(F=1, P1=1, P2=1))
+    with_ar = simulate(s, dict(F=1, P1=1, P2=1, allreduce=[0.5, 4.0]))
+    # rank 1's gradients are final at the end of its batched P2 (t = 13), rank 0's at t = 14:
+    # rank 1's 4-unit all-reduce then ends at 17, after everything else
+    assert plain.makespan == 14 and with_ar.makespan == 17
+    assert simulate(s, dict(F=1, P1=1, P2=1, allreduce=0.5)).makespan == 14.5

@@ -51,6 +51,10 @@ class Costs:
     """Fused backward time; ``None`` means ``P1 + P2``."""
     comm: PerStage = 0.0
     """Send latency out of stage s (both directions use the entry of the lower stage)."""
+    allreduce: PerStage = 0.0
+    """Data-parallel all-reduce of stage s's gradients (once per step). It starts when the
+    stage's last weight gradient is final, runs beside compute (one stream per rank, chunk
+    after chunk) and the rank's step ends no earlier than its last all-reduce."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -95,7 +99,7 @@ class Costs:
     def from_mapping(cls, m: Mapping) -> "Costs":
         unknown = set(m) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown cost keys {sorted(unknown)}; expected F, P1, P2, B, comm")
+            raise ValueError(f"unknown cost keys {sorted(unknown)}; expected F, P1, P2, B, comm, allreduce")
         missing = [k for k in ("F", "P1", "P2") if k not in m]
         if missing:
             raise ValueError(

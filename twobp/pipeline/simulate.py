@@ -37,7 +37,7 @@ class SimResult:
 
     schedule: Schedule
     makespan: float
-    """End of the last action on any rank."""
+    """End of the last action on any rank (or of its last data-parallel all-reduce)."""
     busy: list[float]
     """Compute time per rank."""
     idle: list[float]
@@ -79,6 +79,24 @@ def _walk(schedule: Schedule, costs: Costs) -> tuple[Schedule, Walk]:
     lowered = lower_comm(schedule)
     duration, latency = _timings(lowered, costs)
     return lowered, walk(lowered, duration, latency)
+
+
+def _allreduce_ends(lowered: Schedule, w: Walk, costs: Costs) -> list[float]:
+    """Per rank, when its last data-parallel all-reduce ends (``Costs.allreduce``): each
+    chunk's starts once its last B / P1 / P2 has ended, on one stream per rank."""
+    ends = []
+    for r, acts in enumerate(lowered.ranks):
+        final: dict[int, float] = {}
+        for a, t1 in zip(acts, w.end[r]):
+            if a.kind in ("B", "P1", "P2"):
+                final[a.chunk] = max(final.get(a.chunk, 0.0), t1)
+        t = 0.0
+        for c, ready in sorted(final.items(), key=lambda kv: kv[1]):
+            cost = costs.at("allreduce", lowered.stage_of(r, c))
+            if cost:
+                t = max(t, ready) + cost
+        ends.append(t)
+    return ends
 
 
 def makespan_of(schedule: Schedule, costs: Costs | Mapping | None = None) -> float:
@@ -138,6 +156,7 @@ def simulate(schedule: Schedule, costs: Costs | Mapping | None = None, *,
                     if sizes is not None:
                         nbytes -= sizes.at("p2", st)
     span = max((max(e, default=0.0) for e in w.end), default=0.0)
+    span = max(span, max(_allreduce_ends(lowered, w, costs), default=0.0))
     idle = [span - b for b in busy]
     if schedule.carry:
         from .overlap import period
