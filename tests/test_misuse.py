@@ -97,6 +97,11 @@ def _sched(ranks, carry=()):
     return Schedule(ranks=ranks, stages=len(ranks), microbatches=1, carry=carry)
 
 
+def _on_triton(fn):
+    with twobp.use_backend("triton"):
+        return fn()
+
+
 def _cli(*argv):
     return cli(list(argv))
 
@@ -192,6 +197,13 @@ CASES = [
     ("convert-not-module", lambda: twobp.convert([nn.Linear(2, 2)]), TypeError, r"convert takes an nn.Module"),
     ("revert-not-module", lambda: twobp.revert(None), TypeError, r"revert takes an nn.Module"),
     ("backend-name", lambda: twobp.use_backend("cuda").__enter__(), ValueError, r"one of \('torch', 'triton'\)"),
+    ("interpreter-bf16-linear", lambda: _on_triton(lambda: twobp.TwoBPLinear(4, 3, dtype=torch.bfloat16)(
+        torch.randn(2, 4, dtype=torch.bfloat16))), RuntimeError, r"float16 with the interpreter, or the torch backend"),
+    ("interpreter-bf16-attention", lambda: _on_triton(lambda: (lambda m, x: m(x, x, x))(
+        TwoBPAttention(8, 2, dtype=torch.bfloat16), torch.randn(1, 3, 8, dtype=torch.bfloat16))), RuntimeError,
+     r"interpreter's tl.dot computes bf16 wrongly"),
+    ("interpreter-bf16-conv", lambda: _on_triton(lambda: twobp.TwoBPConv2d(2, 2, 3, dtype=torch.bfloat16)(
+        torch.randn(1, 2, 4, 4, dtype=torch.bfloat16))), RuntimeError, r"bfloat16 on Triton's CPU interpreter"),
     # ---- schedules, costs, simulator --------------------------------------------------------------
     ("sched-name", lambda: make_schedule("fancy", stages=2, microbatches=4, twobp=True), ValueError,
      r"choose one of gpipe"),

@@ -19,7 +19,7 @@ from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["Backend", "resolve_backend", "use_backend", "triton_available"]
+__all__ = ["Backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available"]
 
 Backend = Literal["torch", "triton"]
 _VALID = ("torch", "triton")
@@ -68,3 +68,17 @@ def resolve_backend(device: torch.device) -> Backend:
     if device.type == "cpu" and _interpreting():
         return "triton"
     return "torch"
+
+
+def gemm_backend(device: torch.device, dtype: torch.dtype, what: str) -> Backend:
+    """:func:`resolve_backend` for ops built on ``tl.dot`` (linear, attention, conv), which
+    refuses bf16 on Triton's CPU interpreter: its ``tl.dot`` computes bf16 wrongly (Triton
+    3.9 multiplies the raw bit patterns; outputs around 9e9), so a result would be garbage."""
+    backend = resolve_backend(device)
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu" and _interpreting():
+        raise RuntimeError(
+            f"{what}: bfloat16 on Triton's CPU interpreter (TRITON_INTERPRET=1) is refused: the interpreter's "
+            "tl.dot computes bf16 wrongly, so the kernel would return garbage. Use float32 or float16 with the "
+            "interpreter, or the torch backend for bf16 on CPU (twobp.use_backend('torch') or TWOBP_BACKEND=torch); "
+            "on a GPU the kernels run bf16 natively")
+    return backend

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..backend import resolve_backend
+from ..backend import gemm_backend
 from .base import Saved, SplitOp
 
 __all__ = ["AttentionCoreOp", "attention_fwd_ref", "attention_dx_ref"]
@@ -200,7 +200,7 @@ class AttentionCoreOp(SplitOp):
                              f"{len(inputs)} inputs and {len(params)} params")
         q, k, v = inputs
         _check_qkv(q, k, v)
-        if resolve_backend(q.device) == "triton":
+        if gemm_backend(q.device, q.dtype, "attention") == "triton":
             from ..kernels.attention import attention_fwd
             o, lse = attention_fwd(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
                                    causal=self.causal, sm_scale=self.sm_scale)
@@ -215,7 +215,7 @@ class AttentionCoreOp(SplitOp):
 
     def input_grads(self, dy, saved, params, needs):
         q, k, v, o, lse = (saved[n] for n in ("q", "k", "v", "o", "lse"))
-        if resolve_backend(dy.device) == "triton":
+        if gemm_backend(dy.device, dy.dtype, "attention") == "triton":
             from ..kernels.attention import attention_dx
             grads = attention_dx(_last_contiguous(dy), _last_contiguous(q), _last_contiguous(k),
                                  _last_contiguous(v), o, lse, causal=self.causal, sm_scale=self.sm_scale)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import resolve_backend
+from ..backend import gemm_backend
 from ._checks import check_same_dtype_device
 from .base import SplitOp
 
@@ -212,7 +212,7 @@ class Conv2dOp(SplitOp):
             raise ValueError(
                 f"conv2d: input {x.shape[2]}x{x.shape[3]} padded by {geo['padding']} ((top, bottom), (left, right)) "
                 f"is smaller than the dilated kernel {extent[0]}x{extent[1]}; pad more or use a smaller kernel")
-        if resolve_backend(x.device) == "triton":
+        if gemm_backend(x.device, x.dtype, "conv2d") == "triton":
             from ..kernels.conv import conv2d_fwd
             y = conv2d_fwd(x, weight, bias, **geo)
         else:
@@ -226,7 +226,7 @@ class Conv2dOp(SplitOp):
         weight = params[0]
         input_shape = tuple(saved["x_shape"].shape[:-1])
         geo = self._geometry(weight)
-        if resolve_backend(dy.device) == "triton":
+        if gemm_backend(dy.device, dy.dtype, "conv2d") == "triton":
             from ..kernels.conv import conv2d_dx
             dx = conv2d_dx(dy, weight, input_shape=input_shape, **geo)
         else:
@@ -240,7 +240,8 @@ class Conv2dOp(SplitOp):
     def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
         weight, bias = params
         x = p2.get("x")
-        if x is None or resolve_backend(dy.device) == "triton" or x.dtype not in (torch.float32, torch.float64):
+        if (x is None or gemm_backend(dy.device, dy.dtype, "conv2d") == "triton"
+                or x.dtype not in (torch.float32, torch.float64)):
             return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
         dx, dw, db = _aten_conv_backward(dy, x, weight, has_bias=bias is not None, pad=self._geometry(weight)["padding"],
                                          stride=self.stride, dilation=self.dilation,
@@ -256,7 +257,7 @@ class Conv2dOp(SplitOp):
                 conv2d_dw_ref(xs, dys, None, dbias)
             return
         geo = self._geometry(dweight)
-        if resolve_backend(xs[0].device) == "triton":
+        if gemm_backend(xs[0].device, xs[0].dtype, "conv2d") == "triton":
             from ..kernels.conv import conv2d_dw
             conv2d_dw(xs, list(dys), dweight, dbias, **geo)
         else:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..backend import resolve_backend
+from ..backend import gemm_backend
 from ._checks import check_same_dtype_device
 from .base import SplitOp
 
@@ -62,7 +62,7 @@ class LinearOp(SplitOp):
                 f"linear: input's last dim must be in_features={k}, got input shape {tuple(x.shape)}")
         check_same_dtype_device("linear", x, weight=weight, bias=bias)
         x2 = x.reshape(-1, k)
-        if resolve_backend(x.device) == "triton":
+        if gemm_backend(x.device, x.dtype, "linear") == "triton":
             from ..kernels.linear import linear_fwd
             y = linear_fwd(x2.contiguous(), weight, bias)
         else:
@@ -74,7 +74,7 @@ class LinearOp(SplitOp):
         weight = params[0]
         n, k = weight.shape
         dy2 = dy.reshape(-1, n)
-        if resolve_backend(dy.device) == "triton":
+        if gemm_backend(dy.device, dy.dtype, "linear") == "triton":
             from ..kernels.linear import linear_dx
             dx = linear_dx(dy2.contiguous(), weight)
         else:
@@ -85,7 +85,7 @@ class LinearOp(SplitOp):
         return torch.nn.functional.linear(inputs[0], *params)
 
     def fused_grads(self, dy, p1, p2, params, in_needs, p_needs):
-        if resolve_backend(dy.device) == "triton":
+        if gemm_backend(dy.device, dy.dtype, "linear") == "triton":
             return super().fused_grads(dy, p1, p2, params, in_needs, p_needs)
         weight, bias = params
         n, k = weight.shape
@@ -100,7 +100,7 @@ class LinearOp(SplitOp):
         n = dys[0].shape[-1]
         xs = [s["x"] for s in saved]
         dys2 = [dy.reshape(-1, n) for dy in dys]
-        if resolve_backend(xs[0].device) == "triton":
+        if gemm_backend(xs[0].device, xs[0].dtype, "linear") == "triton":
             from ..kernels.linear import linear_dw
             if dweight is None:
                 # the kernel always produces dW; a frozen weight with a trainable bias is rare
