@@ -222,7 +222,8 @@ def run_dp(rank: int, world: int, pp: int, dp: int, cases: list[tuple], seed: in
     mesh = init_mesh(pp=pp, dp=dp)
     out = {}
     for name, use_2bp in cases:
-        sched = make_schedule(name, stages=pp, microbatches=2 * pp, twobp=use_2bp)
+        chunks = 2 if name == "interleaved-1f1b" else 1
+        sched = make_schedule(name, stages=pp, microbatches=2 * pp, twobp=use_2bp, chunks=chunks)
         ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60, mesh=mesh, bucket_mb=1e-4)
         x, y = make_batch(seed, n)
         res = ex.step(replica_slice(x, mesh), replica_slice(y, mesh), measure=(name == "1f1b"))
