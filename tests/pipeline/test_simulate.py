@@ -157,7 +157,14 @@ def test_allreduce_cost_ends_the_step_after_the_last_final_gradient():
     s = make_schedule("1f1b", stages=2, microbatches=4, twobp=True)
     plain = simulate(s, dict(F=1, P1=1, P2=1))
     with_ar = simulate(s, dict(F=1, P1=1, P2=1, allreduce=[0.5, 4.0]))
-    # rank 1's gradients are final at the end of its batched P2 (t = 13), rank 0's at t = 14:
-    # rank 1's 4-unit all-reduce then ends at 17, after everything else
-    assert plain.makespan == 14 and with_ar.makespan == 17
-    assert simulate(s, dict(F=1, P1=1, P2=1, allreduce=0.5)).makespan == 14.5
+    # both ranks' gradients are final at t = 13, when their last P2 ends: rank 1's 4-unit
+    # all-reduce then ends at 17, after everything else
+    assert plain.makespan == 13 and with_ar.makespan == 17
+    assert simulate(s, dict(F=1, P1=1, P2=1, allreduce=0.5)).makespan == 13.5
+
+
+def test_1f1b_2bp_fills_the_cool_down_waits_and_reaches_the_analytic_ceiling():
+    """p = 2, m = 4, T_F = T_P1 = T_P2: the P2 in each cool-down wait give 1.154x (15/13) over 1F1B."""
+    plain = simulate(make_schedule("1f1b", stages=2, microbatches=4, twobp=False))
+    split = simulate(make_schedule("1f1b", stages=2, microbatches=4, twobp=True))
+    assert plain.makespan / split.makespan == pytest.approx(15 / 13)
