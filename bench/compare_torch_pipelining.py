@@ -168,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative loss gap counted as equal")
     p.add_argument("--out", default="bench/results/compare_torch_pipelining.md", help="markdown report path")
     p.add_argument("--json", default=None, metavar="PATH", help="also write one JSON row per contender here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also run one step per contender under torch.profiler and write its op table per rank here")
     return p.parse_args(argv)
 
 
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
                     ours=tuple(s for s in args.ours.split(",") if s),
                     torch_schedules=tuple(s for s in args.torch.split(",") if s),
                     torch_with_twobp_modules=args.torch_with_twobp_modules,
-                    overlap_steps=not args.no_overlap_steps))
+                    overlap_steps=not args.no_overlap_steps, profile=args.profile is not None))
             except ValueError as e:
                 raise SystemExit(f"compare_torch_pipelining: {e}") from None
     import torch
@@ -226,6 +228,14 @@ def main(argv=None) -> int:
             sections += [f"Per-stage costs twobp measured for auto and carry (s per micro-batch): "
                          f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]
         print(table, flush=True)
+        if args.profile:
+            folder = Path(args.profile)
+            folder.mkdir(parents=True, exist_ok=True)
+            for r in results:
+                for rank, text in enumerate(r.extra.get("profiles") or []):
+                    if text:
+                        slug = "".join(ch if ch.isalnum() else "-" for ch in r.contender.label)
+                        (folder / f"{cfg.model}-m{cfg.microbatches}-{slug}-rank{rank}.txt").write_text(text)
     summary = ["| model | m | best twobp | best torch | best twobp vs best torch | twobp 1F1B vs torch 1F1B | "
                "peak saved (best twobp, max rank) | smallest peak of torch's ZB schedules |",
                "|---|---:|---|---|---:|---:|---|---|"]

@@ -109,6 +109,8 @@ class CompareConfig:
     """Also run torch's Schedule1F1B on the twobp modules (the runtime alone compared)."""
     measure_memory: bool = True
     """One extra untimed step per contender with the saved-activation meter on."""
+    profile: bool = False
+    """One extra untimed step per contender under torch.profiler: the op table per rank."""
     overlap_steps: bool = True
     """twobp's 2BP schedules carry trailing P2 into the next step where the measured costs
     say it helps (``PipelineExecutor(overlap_steps=True)``)."""
@@ -381,6 +383,14 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
             with SavedActivationMeter(store, exclude=params) as meter:
                 run(c, _Timer())
             peaks[c] = meter.peak_bytes
+    profiles: dict[Contender, str] = {}
+    if cfg.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for c in timed:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(c, _Timer())
+            profiles[c] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
     for c in timed:
         if isinstance(runners[c], _OursRunner):
             runners[c].ex.flush()
@@ -396,7 +406,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         bd["other"] = max(0.0, bd["wall"] - sum(bd[k] for k in _KINDS if k != "other"))
         carry = list(runners[c].schedule.carry) if isinstance(runners[c], _OursRunner) else []
         out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry,
-                            costs=costs if c.twobp else None)
+                            costs=costs if c.twobp else None, profile=profiles.get(c))
     return out
 
 
@@ -420,7 +430,8 @@ def run_compare(cfg: CompareConfig) -> list[ContenderResult]:
         results.append(ContenderResult(
             c, losses, rows[0]["walls"], [r["breakdown"] for r in rows],
             [r["peak"] for r in rows] if rows[0]["peak"] is not None else None,
-            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"]}))
+            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"],
+                   "profiles": [r["profile"] for r in rows]}))
     return results
 
 
