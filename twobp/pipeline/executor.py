@@ -42,6 +42,7 @@ from .lowering import comm_peer, lower_comm, message_key
 from ..store import ActivationStore
 from .overlap import split_tail
 from .grad_sync import GradSync
+from .optimizer_step import OptimizerStep
 from .partition import BlockLike, Partition, partition_blocks, shared_across_ranks
 from .timeline import Event, Timeline
 from .validate import fifo_violations, validate
@@ -211,7 +212,7 @@ class PipelineExecutor:
         self._steps_begun = 0  # training steps started on this executor (for error messages)
         self._grad_norm: float | None = None
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
-        self._owed_opt: tuple | None = None  # (optimizer, lr_scheduler) whose step is owed
+        self._owed_opt: OptimizerStep | None = None  # the optimizer step this rank owes
         if one_way_channels is None:
             one_way_channels = dist.get_backend(group) == "nccl" and group is None
         channels = None
@@ -224,49 +225,14 @@ class PipelineExecutor:
         self._p2p = P2P(rank=self.rank, device=self.device, timeout=timeout, group=group,
                         channels=channels)
         self.mesh, self.dp_group = mesh, dp_group
-        self._sync = self._build_sync(block_list, shared, mesh, group, dp_group, int(bucket_mb * 2**20))
+        self._sync = GradSync.for_pipeline(
+            blocks=block_list, shared=shared, mesh=mesh, group=group, dp_group=dp_group,
+            bucket_bytes=int(bucket_mb * 2**20), rank=self.rank, actions=self._lowered.ranks[self.rank],
+            carried_chunks={a.chunk for a in self._carry_acts}, stages=self.stages)
         self._clock = _Clock(self.device)
         self._static_shapes = static_shapes
         self._shape_key: tuple | None = None  # batch shape the cache below belongs to
         self._shapes: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}  # tag -> (shape, dtype)
-
-    def _build_sync(self, blocks, shared, mesh, group, dp_group, bucket_bytes: int) -> GradSync:
-        """Tie groups (a collective: every rank creates every group, in one order) and the
-        replica buckets with the action after which each chunk's gradients are final."""
-        tied = []
-        for share in shared:
-            if mesh is not None:
-                rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
-                members = [[row[r] for r in share.ranks] for row in rows]
-            elif group is None:
-                members = [list(share.ranks)]
-            else:
-                raise NotImplementedError(
-                    f"parameter {' and '.join(share.names)} is tied across pipeline ranks {list(share.ranks)} of a "
-                    "process sub-group: pass mesh= (twobp.pipeline.init_mesh) so every rank can build the tie groups")
-            me = dist.get_rank()
-            mine = None
-            for ranks in members:
-                g = dist.new_group(ranks=ranks)
-                if me in ranks:
-                    mine = g
-            if self.rank in share.ranks and mine is not None:
-                param = next(prm for b in share.blocks for n, prm in blocks[b].named_parameters()
-                             if f"{b}.{n}" in share.names)
-                tied.append((param, mine))
-        lowered = self._lowered.ranks[self.rank]
-        carried_chunks = {a.chunk for a in self._carry_acts}
-        ready: dict[int, int | None] = {}
-        for c in self.stages:
-            idx = [i for i, a in enumerate(lowered) if a.chunk == c and a.kind in ("B", "P1", "P2")]
-            ready[c] = None if (c in carried_chunks or not idx) else max(idx)
-        by_chunk: dict[int, list] = {}
-        seen: set[int] = set()
-        order = sorted(self.stages, key=lambda c: (ready[c] is None, ready[c] or 0), reverse=True)
-        for c in order:  # a parameter two chunks share is final with the later one
-            by_chunk[c] = [prm for prm in self.stages[c].parameters() if id(prm) not in seen]
-            seen.update(id(prm) for prm in by_chunk[c])
-        return GradSync.build(by_chunk, ready, dp_group=dp_group, tied=tied, bucket_bytes=bucket_bytes)
 
     @property
     def tied_parameters(self) -> list[nn.Parameter]:
@@ -450,12 +416,12 @@ class PipelineExecutor:
         self._grad_norm = None
         if carrying:
             self._owed = list(self._carry_acts)
-            self._owed_opt = (optimizer, lr_scheduler, clip_grad_norm, grad_scaler)
+            self._owed_opt = OptimizerStep(optimizer, lr_scheduler, clip_grad_norm, grad_scaler)
         else:
             if self._sync.active:
                 self._sync.finish(self._clock.mark, records)
             if optimizer is not None:
-                self._step_optimizer((optimizer, lr_scheduler, clip_grad_norm, grad_scaler), records)
+                self._step_optimizer(OptimizerStep(optimizer, lr_scheduler, clip_grad_norm, grad_scaler), records)
         timeline = costs = rank_events = None
         if measure or not self._clock.cuda:  # CUDA event times need a synchronize
             secs = self._clock.seconds()
@@ -504,55 +470,15 @@ class PipelineExecutor:
             twobp.backward_p2(self.stages[a.chunk], microbatches=a.mbs, batched=True, store=self.store)
             records.append((str(a), "P2", t0, self._clock.mark(), None))
 
-    def _step_optimizer(self, args: tuple, records: list) -> None:
-        """Unscale (fp16), agree on infs, clip by the global norm, step, schedule."""
-        optimizer, lr_scheduler, clip, scaler = args
+    def _step_optimizer(self, step: OptimizerStep, records: list) -> None:
         t0 = self._clock.mark()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            self._agree_on_inf(scaler, optimizer)
-        if clip is not None:
-            self._grad_norm = self._clip(float(clip))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+        tied_elsewhere = {id(prm) for prm, g in self._sync.tied if dist.get_rank() != min(dist.get_process_group_ranks(g))}
+        norm = step.run(list(self.parameters()), device=self.device, pipeline_group=self.group,
+                        all_group=None if (self.mesh is not None or self.group is None) else self.group,
+                        tied_elsewhere=tied_elsewhere)
+        if norm is not None:
+            self._grad_norm = norm
         records.append(("optim", "optim", t0, self._clock.mark(), None))
-
-    def _all_ranks_group(self):
-        """The group spanning every rank of this pipeline and its replicas."""
-        return None if (self.mesh is not None or self.group is None) else self.group
-
-    def _agree_on_inf(self, scaler, optimizer) -> None:
-        # GradScaler decides per rank; a step skipped on one rank only would split the model.
-        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        flag = torch.zeros((), dtype=torch.float32, device=self.device)
-        for v in found.values():
-            flag = torch.maximum(flag, v.to(flag.device, torch.float32))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._all_ranks_group())
-        for v in found.values():
-            v.fill_(float(flag))
-
-    def _clip(self, max_norm: float) -> float:
-        """Global-norm clipping over the whole model: this rank's squared norm (a tied copy
-        only on the lowest of its ranks), summed over the pipeline; replicas already agree."""
-        tied_not_mine = {id(prm) for prm, g in self._sync.tied if dist.get_rank() != min(dist.get_process_group_ranks(g))}
-        grads = [prm.grad for prm in self.parameters() if prm.grad is not None and id(prm) not in tied_not_mine]
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for g in grads:
-            sq += g.detach().double().square().sum()
-        if dist.get_world_size(self.group) > 1:
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
-        norm = float(sq.sqrt())
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1:
-            for prm in self.parameters():
-                if prm.grad is not None:
-                    prm.grad.mul_(coef)
-        return norm
 
     def _store_holds_only_carried(self, store, carrying: bool) -> bool:
         if not carrying:

@@ -76,6 +76,45 @@ class GradSync:
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         return cls(buckets, dict(ready_after), dp_group, list(tied), dp_size)
 
+    @classmethod
+    def for_pipeline(cls, *, blocks: Sequence[nn.Module], shared, mesh, group, dp_group, bucket_bytes: int,
+                     rank: int, actions, carried_chunks: set[int], stages: dict[int, nn.Module]) -> "GradSync":
+        """The sync of one pipeline rank: tie groups (a collective: every rank of the world
+        creates every group, in one order) and replica buckets, each chunk's made ready after
+        the action that makes its gradients final (``actions``: the rank's explicit list)."""
+        tied = []
+        for share in shared:
+            if mesh is not None:
+                rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+                members = [[row[r] for r in share.ranks] for row in rows]
+            elif group is None:
+                members = [list(share.ranks)]
+            else:
+                raise NotImplementedError(
+                    f"parameter {' and '.join(share.names)} is tied across pipeline ranks {list(share.ranks)} of a "
+                    "process sub-group: pass mesh= (twobp.pipeline.init_mesh) so every rank can build the tie groups")
+            me = dist.get_rank()
+            mine = None
+            for ranks in members:
+                g = dist.new_group(ranks=ranks)
+                if me in ranks:
+                    mine = g
+            if rank in share.ranks and mine is not None:
+                param = next(prm for b in share.blocks for n, prm in blocks[b].named_parameters()
+                             if f"{b}.{n}" in share.names)
+                tied.append((param, mine))
+        ready: dict[int, int | None] = {}
+        for c in stages:
+            idx = [i for i, a in enumerate(actions) if a.chunk == c and a.kind in ("B", "P1", "P2")]
+            ready[c] = None if (c in carried_chunks or not idx) else max(idx)
+        by_chunk: dict[int, list] = {}
+        seen: set[int] = set()
+        order = sorted(stages, key=lambda c: (ready[c] is None, ready[c] or 0), reverse=True)
+        for c in order:  # a parameter two chunks share is final with the later one
+            by_chunk[c] = [prm for prm in stages[c].parameters() if id(prm) not in seen]
+            seen.update(id(prm) for prm in by_chunk[c])
+        return cls.build(by_chunk, ready, dp_group=dp_group, tied=tied, bucket_bytes=bucket_bytes)
+
     @property
     def active(self) -> bool:
         return bool(self.buckets or self.tied)
