@@ -30,8 +30,9 @@ Kernels and work (causal: about half of each FLOP count):
   Reads Q once and K, V once per query block (from L2), writes O and lse.
 * ``_attn_bwd_preprocess_kernel``, grid (S / BLOCK_M, B·H): δ, reads O and dO once.
 * ``_attn_bwd_dkdv_kernel``, grid (S / BLOCK_N, B·Hkv): one program owns a key block and
-  loops over all query blocks of all G query heads of its kv head: recomputes Sᵀ, dPᵀ and
-  accumulates dV, dK in registers (fp32): 8 B H S² D FLOPs.
+  loops over all query blocks of all G query heads of its kv head (one flat loop over
+  (head, block) pairs): recomputes Sᵀ, dPᵀ and accumulates dV, dK in registers (fp32):
+  8 B H S² D FLOPs.
 * ``_attn_bwd_dq_kernel``, grid (S / BLOCK_M, B·H): one program owns a query block and loops
   over key blocks: recomputes S, dP and accumulates dQ: 6 B H S² D FLOPs.
 

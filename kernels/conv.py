@@ -52,9 +52,10 @@ round like cuDNN does), exact fp32 products ("ieee") otherwise.
 
 Design
 ------
-- Loop order: every kernel walks the taps (kh, kw) in its outer loops and the channels in
-  BLOCK_SIZE_K chunks inside, so the spatial address and padding mask of a row are computed
-  once per tap, and a 1x1 convolution is a plain GEMM over channels. A small channel count
+- Loop order: the forward and dX walk (tap, channel chunk) pairs in one runtime loop, the
+  channels in BLOCK_SIZE_K chunks inside each tap, so a 1x1 convolution is a plain GEMM over
+  channels. Not unrolling the taps keeps the code small: a 7x7 stem unrolled 49 times took
+  ptxas 9-16 minutes per config in fp32. A small channel count
   (the 3 of an RGB stem) wastes most of each BLOCK_SIZE_K chunk; such layers are a small share
   of a network's FLOPs.
 - p1 gathers: each program owns one [BLOCK_SIZE_M pixels, BLOCK_SIZE_N channels] tile of dx
@@ -83,6 +84,15 @@ Design
   dim when it cannot prove contiguity, which the div/mod pixel decode hides). The forward and
   dX therefore compute their tiles transposed (yᵀ = W xᵀ), and dW transposes its x tile.
 - Offsets that scale with the batch index are int64, so tensors past 2^31 elements are safe.
+- Pipelining (cp.async) needs loads of 4 bytes or more per thread, i.e. addresses the compiler
+  can prove contiguous. In 16 bits the im2col gathers of x (and, for a KxK conv, of an NCHW
+  weight, whose channels are KH·KW apart) are 2-byte loads, so they are not pipelined. p2
+  therefore walks the pixels image by image when dy's spatial dims are one unit-stride run
+  of a multiple of 16 pixels (DY_FLAT: ResNet's 56x56 and 28x28 maps): dy's tile then loads
+  as 16-byte vectors through cp.async, and so does x's in a 1x1 stride-1 conv (X_FLAT); the
+  last chunk of each image is partly masked. The forward and dX of a KxK conv pipeline their
+  weight loads when the weight is channels-last in memory (its channels contiguous; the
+  kernels take any strides); with NCHW weights they do not (bench/results/aot-sweep.md).
 
 Everything here is plain functions on tensors: no autograd, no modules, and no state besides
 Triton's autotune caches.
@@ -134,45 +144,52 @@ _REDUCE_BLOCK = 128 if _INTERPRET else 1024
 # channels); CNN channel counts are multiples of 32 past the stem. The forward and dX compute
 # their tiles transposed (out channels x pixels), so the dot's rows are BLOCK_SIZE_N: 32 of
 # them compile to mma.sync on sm_90, not wgmma, and that config is an sm_80 one.
+# A KxK conv gathers its tiles with 2-byte loads that are not pipelined (see Design), so a tile
+# lives in registers: 64-deep channel chunks (128x128x64) and 4-warp 64x128 tiles spill there.
 _GEMM_SM90 = [
-    _cfg(128, 128, 64, 8, 3),
     _cfg(128, 128, 32, 8, 4),
     _cfg(256, 64, 32, 8, 3),
+    _cfg(128, 64, 32, 8, 4),
+    _cfg(64, 128, 32, 8, 4),
     _cfg(128, 64, 32, 4, 4),
-    _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),
     _cfg(64, 64, 16, 4, 5),  # the stem: 3 in channels
 ]
 _GEMM_SM80 = _GEMM_SM90 + [_cfg(128, 32, 32, 4, 4)]  # few out channels
-# fp32 (TF32 by default, as cuDNN): twice the bytes per tile, so shallower pipelines
-_GEMM_FP32 = [
-    _cfg(128, 128, 32, 8, 3),
-    _cfg(128, 64, 32, 4, 3),
-    _cfg(64, 128, 32, 4, 3),
-    _cfg(64, 64, 32, 4, 3),
-    _cfg(64, 64, 16, 4, 4),
+# fp32 (TF32 by default, as cuDNN): twice the bytes per tile; 32-deep channel chunks spill
+_GEMM_FP32_SM90 = [
+    _cfg(128, 64, 16, 8, 3),
+    _cfg(64, 64, 16, 8, 3),
+    _cfg(32, 64, 16, 4, 3),
 ]
+_GEMM_FP32_SM80 = _GEMM_FP32_SM90 + [_cfg(64, 32, 16, 4, 3)]  # 32 out channels: mma.sync on sm_90
 # dW: the tile is BLOCK_SIZE_M out x BLOCK_SIZE_N in channels; BLOCK_SIZE_K is the pixel step.
 _DW_SM90 = [
     _cfg(128, 128, 32, 8, 3, None),
-    _cfg(128, 64, 64, 4, 3, None),
-    _cfg(64, 128, 64, 4, 3, None),
-    _cfg(64, 64, 64, 4, 4, None),
+    _cfg(128, 64, 64, 8, 3, None),
+    _cfg(64, 128, 64, 8, 3, None),
+    _cfg(64, 64, 64, 8, 4, None),
     _cfg(64, 64, 32, 4, 5, None),
     _cfg(64, 32, 64, 4, 4, None),
 ]
 _DW_SM80 = _DW_SM90 + [_cfg(32, 64, 64, 4, 4, None)]  # 32 out channels: mma.sync on sm_90
-_DW_FP32 = [
+_DW_FP32_SM90 = [
     _cfg(128, 64, 32, 8, 3, None),
     _cfg(64, 64, 32, 4, 3, None),
     _cfg(64, 32, 32, 4, 3, None),
 ]
+_DW_FP32_SM80 = [
+    _cfg(64, 64, 32, 8, 3, None),
+    _cfg(64, 32, 32, 4, 3, None),
+    _cfg(64, 64, 16, 8, 3, None),
+]
 _FWD_TABLE = ConfigTable({("sm_90", "16-bit"): _GEMM_SM90, ("sm_80", "16-bit"): _GEMM_SM80,
-                          ("sm_90", "fp32"): _GEMM_FP32, ("sm_80", "fp32"): _GEMM_FP32},
+                          ("sm_90", "fp32"): _GEMM_FP32_SM90, ("sm_80", "fp32"): _GEMM_FP32_SM80},
                          _INTERPRET_GEMM if _INTERPRET else None)
-_DX_TABLE = ConfigTable(dict(_FWD_TABLE.lists), _INTERPRET_GEMM if _INTERPRET else None)
+# dX's gather of the 128x32 tile spills up to 6 KB on sm_80: it keeps the sm_90 list there
+_DX_TABLE = ConfigTable({**_FWD_TABLE.lists, ("sm_80", "16-bit"): _GEMM_SM90}, _INTERPRET_GEMM if _INTERPRET else None)
 _DW_TABLE = ConfigTable({("sm_90", "16-bit"): _DW_SM90, ("sm_80", "16-bit"): _DW_SM80,
-                         ("sm_90", "fp32"): _DW_FP32, ("sm_80", "fp32"): _DW_FP32},
+                         ("sm_90", "fp32"): _DW_FP32_SM90, ("sm_80", "fp32"): _DW_FP32_SM80},
                         _INTERPRET_DW if _INTERPRET else None)
 
 
@@ -226,7 +243,7 @@ def _conv_fwd_kernel(
     stride_wo, stride_wc, stride_wh, stride_ww,  # W strides
     stride_bias,  # b stride
     stride_yn, stride_yc, stride_yh, stride_yw,  # y strides
-    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width (the tap loops unroll)
+    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width
     STRIDE_H, STRIDE_W,  # conv stride
     PAD_H, PAD_W,  # zero padding above / left of the input (below / right follow from OH, OW)
     DIL_H, DIL_W,  # dilation
@@ -264,21 +281,26 @@ def _conv_fwd_kernel(
     # the last (fastest) dim of every activation tile: in NCHW neighbouring output columns
     # read and write neighbouring addresses, and Triton orders threads along the last dim.
     acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    # One loop over (tap, channel chunk) pairs, not loops unrolled over the taps: a 7x7 stem
+    # unrolled 49 times took ptxas 9-16 minutes per config in fp32 (the AOT sweep), and a flat
+    # loop is one software pipeline instead of one short one per tap.
+    n_chunks = tl.cdiv(K_CHANNELS, BLOCK_SIZE_K)
+    for t in range(0, KH * KW * n_chunks):
+        tap = t // n_chunks
+        c0 = (t - tap * n_chunks) * BLOCK_SIZE_K
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = ih0 + kh * DIL_H
-        in_h = mask_m & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = iw0 + kw * DIL_W
-            in_hw = in_h & (iw >= 0) & (iw < W)  # [BM] the tap lands inside the input
-            x_tap = x_rows + ih * stride_xh + iw * stride_xw  # [BM] x[n, 0, ih, iw]
-            w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[o, 0, kh, kw]
-            for c0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
-                mask_c = offs_c < K_CHANNELS - c0
-                wgt = tl.load(w_tap[:, None] + (c0 + offs_c)[None, :] * stride_wc,
-                              mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # [BN, BK] W, o x c
-                xt = tl.load(x_tap[None, :] + (c0 + offs_c)[:, None] * stride_xc,
-                             mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BK, BM] x, c x pixel
-                acc = tl.dot(wgt, xt, acc, input_precision=INPUT_PRECISION)
+        iw = iw0 + kw * DIL_W
+        in_hw = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BM] the tap lands inside the input
+        x_tap = x_rows + ih * stride_xh + iw * stride_xw  # [BM] x[n, 0, ih, iw]
+        w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[o, 0, kh, kw]
+        mask_c = offs_c < K_CHANNELS - c0
+        wgt = tl.load(w_tap[:, None] + (c0 + offs_c)[None, :] * stride_wc,
+                      mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # [BN, BK] W, o x c
+        xt = tl.load(x_tap[None, :] + (c0 + offs_c)[:, None] * stride_xc,
+                     mask=mask_c[:, None] & in_hw[None, :], other=0.0)  # [BK, BM] x, c x pixel
+        acc = tl.dot(wgt, xt, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_o * stride_bias, mask=mask_o, other=0.0)
@@ -302,7 +324,7 @@ def _conv_dx_kernel(
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,  # dy strides, in elements
     stride_wo, stride_wc, stride_wh, stride_ww,  # W strides
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,  # dx strides
-    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width (the tap loops unroll)
+    KH: tl.constexpr, KW: tl.constexpr,  # kernel height, width
     STRIDE_H, STRIDE_W,  # conv stride
     PAD_H, PAD_W,  # zero padding above / left of the input
     DIL_H, DIL_W,  # dilation
@@ -335,26 +357,29 @@ def _conv_dx_kernel(
 
     # Transposed tile as in the forward: dxᵀ[c, pixel] = Σ Wᵀ[c, o] dyᵀ[o, pixel], pixels last.
     acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        # output row that reads input row ih through tap kh: oh·sh = ih + pt - kh·dh
+    n_chunks = tl.cdiv(K_CHANNELS, BLOCK_SIZE_K)  # one loop over (tap, channel chunk), as the forward
+    for t in range(0, KH * KW * n_chunks):
+        tap = t // n_chunks
+        o0 = (t - tap * n_chunks) * BLOCK_SIZE_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        # output pixel that reads input pixel (ih, iw) through tap (kh, kw): oh·sh = ih + pt - kh·dh
         th = ih + PAD_H - kh * DIL_H
         th_c = tl.maximum(th, 0)  # division of negatives rounds differently per backend: avoid it
         oh = th_c // STRIDE_H
-        hit_h = mask_m & (th >= 0) & (th_c - oh * STRIDE_H == 0) & (oh < OH)
-        for kw in tl.static_range(KW):
-            tw = iw + PAD_W - kw * DIL_W
-            tw_c = tl.maximum(tw, 0)
-            ow = tw_c // STRIDE_W
-            hit = hit_h & (tw >= 0) & (tw_c - ow * STRIDE_W == 0) & (ow < OW)  # [BM] the tap lands
-            dy_tap = dy_rows + oh * stride_dyh + ow * stride_dyw  # [BM] dy[n, 0, oh, ow]
-            w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[0, c, kh, kw]
-            for o0 in range(0, K_CHANNELS, BLOCK_SIZE_K):
-                mask_o = offs_o < K_CHANNELS - o0
-                wt = tl.load(w_tap[:, None] + (o0 + offs_o)[None, :] * stride_wo,
-                             mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # [BN, BK] W, c x o
-                gt = tl.load(dy_tap[None, :] + (o0 + offs_o)[:, None] * stride_dyc,
-                             mask=mask_o[:, None] & hit[None, :], other=0.0)  # [BK, BM] dy, o x pixel
-                acc = tl.dot(wt, gt, acc, input_precision=INPUT_PRECISION)
+        tw = iw + PAD_W - kw * DIL_W
+        tw_c = tl.maximum(tw, 0)
+        ow = tw_c // STRIDE_W
+        hit = (mask_m & (th >= 0) & (th_c - oh * STRIDE_H == 0) & (oh < OH)
+               & (tw >= 0) & (tw_c - ow * STRIDE_W == 0) & (ow < OW))  # [BM] the tap lands
+        dy_tap = dy_rows + oh * stride_dyh + ow * stride_dyw  # [BM] dy[n, 0, oh, ow]
+        w_tap = w_cols + kh * stride_wh + kw * stride_ww  # [BN] W[0, c, kh, kw]
+        mask_o = offs_o < K_CHANNELS - o0
+        wt = tl.load(w_tap[:, None] + (o0 + offs_o)[None, :] * stride_wo,
+                     mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # [BN, BK] W, c x o
+        gt = tl.load(dy_tap[None, :] + (o0 + offs_o)[:, None] * stride_dyc,
+                     mask=mask_o[:, None] & hit[None, :], other=0.0)  # [BK, BM] dy, o x pixel
+        acc = tl.dot(wt, gt, acc, input_precision=INPUT_PRECISION)
 
     dx_pix = dx_ptr + n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw  # [BM]
     dx_ptrs = dx_pix[None, :] + offs_c[:, None] * stride_dxc  # [BN, BM]

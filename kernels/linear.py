@@ -53,6 +53,14 @@ Design
   non-blocking host-to-device copy per call (so this path is not CUDA-graph capturable);
   one micro-batch skips the table entirely.
 
+- On Hopper (sm_90), for fp16/bf16 operands whose rows TMA can describe (16-byte aligned
+  base and row stride, unit column stride), the three launchers run the persistent TMA
+  kernels of :mod:`.linear_tma` instead (``tma=None``, the default); ``tma=False`` forces
+  the kernels here, ``tma=True`` the TMA ones (also under the interpreter, which is how the
+  CPU tests run them).
+- Configs: per launch class (architecture, dtype class; see :mod:`._targets`), each list
+  checked by the AOT sweep for spills, shared memory and wgmma (bench/results/aot-sweep.md).
+
 Everything here is plain functions on tensors: no autograd, no modules, and no state
 besides Triton's autotune caches.
 """
@@ -159,7 +167,6 @@ _FP32_SM80 = [
     _cfg(128, 128, 16, 8, 8, 3),
     _cfg(128, 64, 16, 8, 8, 3),
     _cfg(64, 128, 16, 8, 8, 3),
-    _cfg(64, 64, 32, 8, 4, 3),
     _cfg(64, 64, 16, 8, 4, 4),
     _cfg(32, 64, 32, 8, 4, 3),
 ]
@@ -177,14 +184,15 @@ _DW_16_SM90 = [
     _cfg(32, 128, 128, 8, 4, 4, "GROUP_SIZE_N"),
 ]
 _DW_FP32_SM90 = [
-    _cfg(64, 128, 128, 8, 8, 4, "GROUP_SIZE_N"),
-    _cfg(64, 128, 64, 8, 4, 4, "GROUP_SIZE_N"),
-    _cfg(64, 64, 128, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(64, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(32, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(64, 64, 64, 8, 8, 3, "GROUP_SIZE_N"),
+    _cfg(16, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
     _cfg(64, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),
+    _cfg(32, 64, 64, 8, 4, 3, "GROUP_SIZE_N"),
 ]
 _DW_FP32_SM80 = [
     _cfg(16, 128, 128, 8, 8, 3, "GROUP_SIZE_N"),
-    _cfg(32, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
     _cfg(16, 128, 64, 8, 8, 3, "GROUP_SIZE_N"),
     _cfg(32, 64, 64, 8, 4, 3, "GROUP_SIZE_N"),
     _cfg(16, 64, 64, 8, 4, 4, "GROUP_SIZE_N"),

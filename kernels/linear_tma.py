@@ -83,8 +83,9 @@ _DW_SM90 = [
     _cfg(64, 64, 128, 8, 4, 4, "GROUP_SIZE_N"),
     _cfg(64, 128, 64, 8, 4, 4, "GROUP_SIZE_N"),
 ]
-# fp32 (on request only): half the bytes per tile of the 16-bit lists
-_MM_FP32 = [_cfg(128, 64, 32, 8, 4, 3), _cfg(64, 64, 32, 8, 4, 3)]
+# fp32 (on request only): exact products are FMAs on registers; 32-deep K steps at most
+_MM_FP32 = [_cfg(128, 64, 16, 8, 8, 3), _cfg(64, 64, 32, 8, 8, 3), _cfg(64, 64, 16, 8, 4, 3),
+            _cfg(64, 32, 32, 8, 4, 3), _cfg(32, 64, 32, 8, 4, 3)]
 _DW_FP32 = [_cfg(32, 64, 64, 8, 4, 3, "GROUP_SIZE_N"), _cfg(32, 64, 32, 8, 4, 3, "GROUP_SIZE_N")]
 _INTERPRET_MM = [_cfg(32, 16, 16, 2, 4, 1)]
 _INTERPRET_DW = [_cfg(16, 32, 16, 2, 4, 1, "GROUP_SIZE_N")]

@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DTYPES as _DTYPES, INTERPRET as _INTERPRET, as_list, device_table as _device_table
+from ._targets import max_configs
 
 __all__ = [
     "MAX_HIDDEN",
@@ -127,9 +128,13 @@ def _prune_warps(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}  # the block sizes are call kwargs
     tile = meta["BLOCK_M"] * meta["BLOCK_N"]
     kept = [c for c in configs if 4 <= tile // (32 * c.num_warps) <= 64]
-    if kept:
-        return kept
-    return [min(configs, key=lambda c: abs(tile // (32 * c.num_warps) - 16))]
+    if not kept:
+        return [min(configs, key=lambda c: abs(tile // (32 * c.num_warps) - 16))]
+    cap = max_configs()  # TWOBP_AUTOTUNE_MAX_CONFIGS (bench/gpu_check.sh): the middle ones first
+    if cap:
+        kept.sort(key=lambda c: abs(tile // (32 * c.num_warps) - 16))
+        return kept[:cap]
+    return kept
 
 
 @functools.lru_cache(maxsize=None)
