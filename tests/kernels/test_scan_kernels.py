@@ -22,6 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from checks import assert_close, poison  # noqa: E402
 from twobp.kernels import scan as K  # noqa: E402
+from twobp.ops.scan import scan_dw_ref, scan_dx_ref, scan_fwd_ref  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 # (batch, L, E channels, N states), chunk 16
@@ -132,6 +133,23 @@ def test_p2_param_grads_accumulate_over_microbatches(dtype):
         want_a, want_d = want_a + grads[4], want_d + grads[5]
     assert_close(dA_log, want_a, dtype, name="dA_log")
     assert_close(dD, want_d, dtype, name="dD")
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_torch_reference_matches_float64(chunk):
+    """The torch backend's sequential scan: y, then p1's four and p2's two gradients, each on its own."""
+    u, delta, B, C, A_log, D, dy = make_inputs(2, 37, 11, 5, torch.float32, seed=8)
+    y, H = scan_fwd_ref(u, delta, B, C, A_log, D, chunk=chunk)
+    y64, want = reference(u, delta, B, C, A_log, D, dy)
+    assert_close(y, y64, name="y")
+    assert H.shape == (2, -(-37 // chunk) - 1, 11, 5)
+    for name, g, w in zip(("du", "ddelta", "dB", "dC"), scan_dx_ref(dy, u, delta, B, C, A_log, D, H, chunk=chunk),
+                          want[:4]):
+        assert_close(g, w, name=name)
+    dA_log, dD = torch.ones(11, 5), torch.ones(11)
+    scan_dw_ref([dy], [dict(u=u, delta=delta, B=B, C=C, H=H)], A_log, None, dA_log, dD, chunk=chunk)
+    assert_close(dA_log, want[4] + 1, name="dA_log")
+    assert_close(dD, want[5] + 1, name="dD")
 
 
 def test_one_walk_equals_p1_then_p2_and_reruns_are_bit_identical():

@@ -6,6 +6,7 @@ name          presets (smallest first)               data
 ``llama``     tiny, small, 1b, 7b                    bytes (:class:`twobp.data.ByteCorpus`)
 ``bert``      tiny, small, base, large               masked bytes or synthetic tokens
 ``resnet``    tiny, small, 50, 101, 152              synthetic images
+``mamba``     tiny, small, 130m, 370m, 790m, 1.4b    bytes (:class:`twobp.data.ByteCorpus`)
 ============  =====================================  ==================================
 
 Every model is a chain of blocks (:class:`~twobp.models.base.TwoBPModel`) that a pipeline
@@ -27,12 +28,13 @@ __all__ = ["TwoBPModel", "build", "build_blocks", "config", "model_names", "pres
 
 def _families() -> dict[str, tuple[type, type, dict[str, dict]]]:
     # imported on demand, so importing twobp.models stays cheap
-    from . import bert, llama, resnet
+    from . import bert, llama, mamba, resnet
 
     return {
         "llama": (llama.LlamaConfig, llama.Llama, llama.PRESETS),
         "bert": (bert.BertConfig, bert.Bert, bert.PRESETS),
         "resnet": (resnet.ResNetConfig, resnet.ResNet, resnet.PRESETS),
+        "mamba": (mamba.MambaConfig, mamba.Mamba, mamba.PRESETS),
     }
 
 
