@@ -90,8 +90,8 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
 
     d = JobConfig()
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=d.model, choices=["llama", "bert", "resnet"],
-                   help="llama trains on the stdlib byte corpus; bert/resnet use labelled synthetic inputs")
+    g.add_argument("--model", default=d.model, choices=["llama", "bert", "resnet", "mamba"],
+                   help="llama and mamba train on the stdlib byte corpus; bert/resnet use labelled synthetic inputs")
     g.add_argument("--preset", default="small" if job == "run" else d.preset,
                    help="size preset, e.g. tiny, small, 7b (llama), large (bert), 152 (resnet); run's default, "
                         "llama small (23 M parameters), is where compute, not overhead, fills a CPU step")

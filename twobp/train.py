@@ -53,7 +53,7 @@ class JobConfig:
     """Everything a pipelined training job needs; every field has a CLI flag of the same name."""
 
     model: str = "llama"
-    """Model family: llama, bert or resnet."""
+    """Model family: llama, bert, resnet or mamba."""
     preset: str = "tiny"
     """Model size preset (see `twobp.models.presets`)."""
     stages: int = 2
@@ -262,14 +262,14 @@ def batch_source(model_name: str, model):
     corpus for language models, the model's labelled synthetic batches otherwise."""
     from .data import ByteCorpus, SyntheticBatches
 
-    if model_name == "llama":
+    if model_name in ("llama", "mamba"):
         return ByteCorpus(seq_len=model.config.seq_len + 1)
     return SyntheticBatches(lambda batch_size, generator=None, device=None:
                             model.example_batch(batch_size, generator=generator), name=f"synthetic {model_name}")
 
 
 def _items_per_step(cfg: JobConfig, model) -> tuple[int, str]:
-    if cfg.model in ("llama", "bert"):
+    if cfg.model in ("llama", "bert", "mamba"):
         return cfg.batch_size * model.config.seq_len, "tokens"
     return cfg.batch_size, "samples"
 
