@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from twobp.benchmarks.pipeline_compare import (DEFAULT_OURS, DEFAULT_TORCH, CompareConfig, ContenderResult,
-                                               losses_agree, paired_ratio, run_compare)
+                                               losses_agree, paired_ratio, run_compare, simulated_gain)
 from twobp.store import format_bytes
 
 DEFAULTS = {  # model -> (preset, global batch): compute-bound at one CPU thread per rank
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
         heads.append((cfg, head))
         rows += json_rows(cfg, results)
         costs = next((r.extra.get("costs") for r in results if r.extra.get("costs")), None)
+        gain = simulated_gain(results, cfg)
+        head["auto_gain"] = gain
         sections += [f"## {cfg.model}/{cfg.preset}, m = {cfg.microbatches}, batch {cfg.batch_size}", "",
                      f"Losses: largest relative gap of any contender's per-step loss vs the first = {gap:.1e} "
                      f"({'equal' if gap <= args.rtol else 'NOT equal'} at rtol {args.rtol:g}). "
@@ -227,6 +229,9 @@ def main(argv=None) -> int:
         if costs:
             sections += [f"Per-stage costs twobp measured for auto and carry (s per micro-batch): "
                          f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]
+        if gain:
+            sections += [f"auto on these costs: simulated {gain['simulated']:.3f}x over our 1F1B, measured "
+                         f"{gain['measured']:.3f}x: realises {gain['realised']:.0%} of the simulated gain.", ""]
         print(table, flush=True)
         if args.profile:
             folder = Path(args.profile)
@@ -237,14 +242,17 @@ def main(argv=None) -> int:
                         slug = "".join(ch if ch.isalnum() else "-" for ch in r.contender.label)
                         (folder / f"{cfg.model}-m{cfg.microbatches}-{slug}-rank{rank}.txt").write_text(text)
     summary = ["| model | m | best twobp | best torch | best twobp vs best torch | twobp 1F1B vs torch 1F1B | "
-               "peak saved (best twobp, max rank) | smallest peak of torch's ZB schedules |",
-               "|---|---:|---|---|---:|---:|---|---|"]
+               "peak saved (best twobp, max rank) | smallest peak of torch's ZB schedules | auto: measured / "
+               "simulated gain over our 1F1B |",
+               "|---|---:|---|---|---:|---:|---|---|---|"]
     for cfg, h in heads:
         summary.append(f"| {cfg.model}/{cfg.preset} | {cfg.microbatches} | {h.get('best_ours', '-')} | "
                        f"{h.get('best_torch', '-')} | {h.get('best_ours_vs_best_torch', float('nan')):.3f}x | "
                        f"{h.get('ours_1f1b_vs_torch_1f1b', float('nan')):.3f}x | "
                        f"{format_bytes(h['best_ours_peak']) if 'best_ours_peak' in h else '-'} | "
-                       f"{format_bytes(h['torch_zb_min_peak']) if 'torch_zb_min_peak' in h else '-'} |")
+                       f"{format_bytes(h['torch_zb_min_peak']) if 'torch_zb_min_peak' in h else '-'} | "
+                       + (f"{h['auto_gain']['measured']:.3f}x / {h['auto_gain']['simulated']:.3f}x "
+                          f"({h['auto_gain']['realised']:.0%})" if h.get("auto_gain") else "-") + " |")
     text = "\n".join([
         "# twobp vs torch.distributed.pipelining",
         "",

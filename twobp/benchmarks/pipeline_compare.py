@@ -446,3 +446,24 @@ def losses_agree(results: Sequence[ContenderResult], rtol: float = 1e-4) -> floa
     ok = [r for r in results if r.error is None]
     ref = ok[0].losses
     return max((abs(a - b) / max(abs(a), 1e-12) for r in ok[1:] for a, b in zip(ref, r.losses)), default=0.0)
+
+
+def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, schedule: str = "auto-2bp") -> dict | None:
+    """How much of ``schedule``'s simulated gain over our 1F1B the run realised: the simulator
+    on the per-stage costs the run measured (its cost probe), against the paired measurement.
+    ``realised`` = (measured - 1) / (simulated - 1)."""
+    from ..pipeline import make_schedule, simulate
+    from ..pipeline.overlap import period
+
+    by = {r.contender.schedule: r for r in results if r.contender.implementation == "twobp" and r.error is None}
+    target, base = by.get(schedule), by.get("1f1b")
+    costs = target.extra.get("costs") if target is not None else None
+    if target is None or base is None or not costs:
+        return None
+    sched = make_schedule(target.contender.base_schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
+                          costs=costs, overlap_steps=cfg.overlap_steps)
+    plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
+    simulated = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
+    measured = paired_ratio(target, base)[0]
+    realised = (measured - 1) / (simulated - 1) if simulated > 1 else float("nan")
+    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)
