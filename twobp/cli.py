@@ -179,6 +179,11 @@ def _job_main(args: argparse.Namespace) -> int:
         return 0
     print()
     print(format_results(results))
+    from .train import realised_gain
+
+    gain = realised_gain(results, cfg)
+    if gain:
+        print("\n" + gain)
     agree, gap = losses_agree(results)
     if len(results) > 1:
         print(f"\nlosses agree across schedules: {'yes' if agree else 'NO'} (largest relative gap {gap:.1e})")

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from .store import format_bytes
 
-__all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results", "results_to_json", "batch_source"]
+__all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results", "results_to_json", "batch_source",
+           "realised_gain"]
 
 
 @dataclass(frozen=True)
@@ -542,3 +543,29 @@ def save_json(obj: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
     return path
+
+
+def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | None:
+    """One line: each cost-placed 2BP variant's simulated speedup over the first variant (the
+    simulator on the per-stage costs that variant measured in its last step) against the
+    paired measurement, and the share of the simulated gain the run realised."""
+    from .pipeline import make_schedule, simulate
+    from .pipeline.overlap import period
+
+    base = results[0]
+    if base.twobp or base.schedule != "1f1b":
+        return None
+    lines = []
+    for r in results[1:]:
+        if not (r.twobp and r.costs and all(k in r.costs for k in ("F", "P1", "P2"))):
+            continue
+        costs = {k: r.costs[k] for k in ("F", "P1", "P2", "comm") if k in r.costs}
+        sched = make_schedule(r.schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
+                              chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry))
+        plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
+        sim = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
+        got = r.speedup_over(base)[0]
+        share = f"{(got - 1) / (sim - 1):.0%}" if sim > 1.001 else "n/a"
+        lines.append(f"{r.label}: simulated {sim:.3f}x over {base.label} on its measured costs, measured {got:.3f}x "
+                     f"(realises {share} of the simulated gain)")
+    return "\n".join(lines) or None
