@@ -6,9 +6,10 @@ a pipeline schedule put p2 into its idle time.
 
 Public API:
 
-* modules: :class:`TwoBPLinear`, :class:`TwoBPLayerNorm`, :class:`TwoBPRMSNorm`,
-  :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps them into a model,
-  :func:`revert` swaps them back to torch's own modules
+* modules: :class:`TwoBPLinear`, :class:`TwoBPEmbedding`, :class:`TwoBPLayerNorm`,
+  :class:`TwoBPRMSNorm`, :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps
+  them (and Hugging Face's Conv1D and RMSNorm classes) into a model, with a
+  :class:`ConversionReport`; :func:`revert` swaps them back to torch's own modules
 * :func:`split_backward`, :func:`backward_p2`: the split itself
 * :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
 * :func:`use_backend`: force the Triton kernels or the torch reference
@@ -17,8 +18,8 @@ Public API:
 
 from .backend import resolve_backend, use_backend
 from .optim import MasterWeights
-from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPLayerNorm, TwoBPLinear, TwoBPModule, TwoBPRMSNorm,
-                 convert, label_modules, revert)
+from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPEmbedding, TwoBPLayerNorm, TwoBPLinear,
+                 TwoBPModule, TwoBPRMSNorm, convert, label_modules, revert)
 from .split import backward_p2, pending_microbatches, split_backward
 from .store import ActivationStore, LeakError, MemoryReport, default_store, memory_report
 
@@ -32,6 +33,7 @@ __all__ = [
     "MemoryReport",
     "TwoBPAttention",
     "TwoBPConv2d",
+    "TwoBPEmbedding",
     "TwoBPLayerNorm",
     "TwoBPLinear",
     "TwoBPModule",

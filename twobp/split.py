@@ -148,9 +148,11 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
             f"backward_p2: nothing is pending for {type(module_or_model).__name__}: no forward of it ran "
             "inside twobp.split_backward since the last p2, so there is no deferred gradient to compute "
             "(a forward outside the region already put its gradients in .grad).", UserWarning, stacklevel=3)
-    by_owner: dict[int, list[Entry]] = defaultdict(list)
+    # one batched p2 per (owner, op kind): a module may call two kinds of op on its
+    # parameters (TwoBPAttention: a packed projection, or grouped ones for cross-attention)
+    by_owner: dict[tuple[int, type], list[Entry]] = defaultdict(list)
     for e in ready:
-        by_owner[e.owner_id].append(e)
+        by_owner[(e.owner_id, type(e.op))].append(e)
     _run_p2_groups(list(by_owner.values()), batched)
     return len(ready)
 

@@ -73,7 +73,8 @@ def test_built_from_twobp_modules_no_conversion_needed(name):
             assert isinstance(m, (TwoBPModule, nn.Embedding, nn.BatchNorm2d)), f"{mod_name}: {type(m).__name__}"
     convert = pytest.importorskip("twobp.nn.convert").convert
     _, report = convert(copy.deepcopy(model), return_report=True)
-    assert report.swapped == []
+    # only the embedding lookups (torch's own in our models) have a twin left to swap in
+    assert [to for _, _, to in report.swapped if to != "TwoBPEmbedding"] == []
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -289,31 +289,24 @@ def test_core_op_saves_for_p1_only(backend):
 def test_unsupported_cases_raise_not_implemented():
     m = TwoBPAttention(E, H)
     x = torch.randn(2, 5, E)
-    with pytest.raises(NotImplementedError, match="self-attention only"):
-        m(x, x.clone(), x)
     with pytest.raises(NotImplementedError, match="need_weights=True"):
         m(x, x, x, need_weights=True)
-    kpm = torch.zeros(2, 5, dtype=torch.bool)
-    kpm[0, -1] = True
-    with pytest.raises(NotImplementedError, match="key_padding_mask"):
-        m(x, x, x, key_padding_mask=kpm)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        m(x, x, x, attn_mask=torch.randn(5, 5))
     with pytest.raises(ValueError, match="is_causal=True but attn_mask"):
         m(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool), is_causal=True)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
+    with pytest.raises(ValueError, match="is_causal=True but attn_mask"):
         m(x, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril(-1), is_causal=True)
-    d = TwoBPAttention(E, H, dropout=0.1)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        d(x, x, x)
-    d.eval()
-    assert d(x, x, x)[0].shape == x.shape, "dropout is a no-op in eval mode"
+    with pytest.raises(ValueError, match=r"attn_mask must be \(L, S\)"):
+        m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool).triu(1))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, S\)"):
+        m(x, x, x, key_padding_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key must have last dim 32"):
+        m(x, torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+    with pytest.raises(NotImplementedError, match="kdim=16"):
+        TwoBPAttention(E, H, kdim=16, causal=True)
     with pytest.raises(NotImplementedError, match="add_bias_kv"):
         TwoBPAttention(E, H, add_bias_kv=True)
     with pytest.raises(NotImplementedError, match="add_zero_attn"):
         TwoBPAttention(E, H, add_zero_attn=True)
-    with pytest.raises(NotImplementedError, match="kdim=16"):
-        TwoBPAttention(E, H, kdim=16)
     with pytest.raises(ValueError, match="num_kv_heads"):
         TwoBPAttention(E, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="divisible"):

@@ -1,9 +1,14 @@
-"""Drop-in twobp modules, and convert() to swap them into any model."""
+"""Drop-in twobp modules, and convert() to swap them into any model.
+
+Twins of Hugging Face layers (``TwoBPConv1D``, the RMSNorm twins) live in :mod:`twobp.nn.hf`
+and are built on first use, so transformers stays optional.
+"""
 
 from .attention import TwoBPAttention
 from .base import TwoBPModule, label_modules, twobp_modules
 from .conv import TwoBPConv2d
 from .convert import ConversionReport, convert, revert
+from .embedding import TwoBPEmbedding
 from .linear import TwoBPLinear
 from .norm import TwoBPLayerNorm, TwoBPRMSNorm
 from .torch_attention import TorchAttention
@@ -13,6 +18,7 @@ __all__ = [
     "TorchAttention",
     "TwoBPAttention",
     "TwoBPConv2d",
+    "TwoBPEmbedding",
     "TwoBPLayerNorm",
     "TwoBPLinear",
     "TwoBPModule",

@@ -23,6 +23,7 @@ What is saved, for whom, and when it is freed (B·S tokens, E = H·D, Hkv·D = E
 
 from __future__ import annotations
 
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -49,15 +50,22 @@ def apply_rotary(x: Tensor, theta: float = 10000.0) -> Tensor:
     b, s, h, d = x.shape
     if d % 2:
         raise ValueError(f"apply_rotary: head dim must be even, got {d}")
-    half = d // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / d)  # (D/2,)
-    angle = torch.arange(s, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (S, D/2)
-    cos = angle.cos()[None, :, None, :]  # (1, S, 1, D/2)
-    sin = angle.sin()[None, :, None, :]
+    cos, sin = _rotary_tables(s, d, float(theta), x.device)  # (1, S, 1, D/2) each
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     x1, x2 = x.to(ct).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rotary_tables(s: int, d: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, (1, S, 1, D/2) fp32, computed once per shape: every
+    attention layer of every micro-batch uses the same tables."""
+    half = d // 2
+    with torch.inference_mode(False), torch.no_grad():  # plain constants, whatever mode asked first
+        inv_freq = theta ** (-torch.arange(half, device=device, dtype=torch.float32) * 2.0 / d)  # (D/2,)
+        angle = torch.arange(s, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (S, D/2)
+        return angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
 
 
 def _is_causal_mask(mask: Tensor, s: int) -> bool | None:
@@ -89,9 +97,19 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
 
     Differences: ``batch_first`` defaults to True; ``need_weights`` defaults to False (and
     True is not supported: the flash kernels never form the attention matrix).
-    Not supported (NotImplementedError): cross-attention (key/value other than the query
-    tensor itself), dropout > 0 in training, add_bias_kv, add_zero_attn, kdim/vdim other
-    than embed_dim, attention masks other than the causal mask or masks that mask nothing.
+    Not supported (NotImplementedError): add_bias_kv, add_zero_attn, and separate q/k/v
+    weights (kdim/vdim) together with the extensions below.
+
+    Two paths, the same projections (whose dW is deferred either way):
+
+    * self-attention (key and value are the query tensor itself) with no mask, the causal
+      mask or masks that mask nothing, and no active dropout: the attention core is
+      :class:`~twobp.ops.attention.AttentionCoreOp` (flash attention on the Triton backend);
+    * anything else torch's MHA takes: cross-attention (key/value from another tensor,
+      other lengths, kdim/vdim), any ``attn_mask`` / ``key_padding_mask``, attention dropout
+      in training: see :mod:`twobp.nn.cross_attention`. The core there is torch's
+      ``scaled_dot_product_attention`` under autograd (it has no weights: its whole backward
+      is p1 anyway), with the masks merged as ``nn.MultiheadAttention`` merges them.
 
     Extensions (keyword-only):
 
@@ -134,11 +152,16 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
         if add_zero_attn:
             raise NotImplementedError("TwoBPAttention: add_zero_attn=True is not supported; "
                                       "use add_zero_attn=False")
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
         for name, val in (("kdim", kdim), ("vdim", vdim)):
-            if val is not None and val != embed_dim:
-                raise NotImplementedError(
-                    f"TwoBPAttention: {name}={val} != embed_dim={embed_dim} (cross-attention with "
-                    f"other key/value sizes) is not supported; leave {name}=None")
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"TwoBPAttention: {name} must be a positive int or None, got {val!r}")
+        separate = kdim != embed_dim or vdim != embed_dim
+        if separate and (causal or rotary or hkv != num_heads):
+            raise NotImplementedError(
+                f"TwoBPAttention: kdim={kdim}/vdim={vdim} (separate q/k/v weights) together with causal, rotary or "
+                "num_kv_heads is not supported; use kdim = vdim = embed_dim for those extensions")
         if not 0.0 <= float(dropout) <= 1.0:
             raise ValueError(f"TwoBPAttention: dropout must be in [0, 1], got {dropout!r}")
         if not isinstance(causal, bool) or not isinstance(rotary, bool) or not isinstance(batch_first, bool):
@@ -153,12 +176,13 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # nn.MultiheadAttention.__init__ would build [3E, E] and its own out_proj
         self.embed_dim = embed_dim
-        self.kdim = embed_dim
-        self.vdim = embed_dim
-        # False for the extended variants (causal / GQA / rotary): torch's inference fast path
-        # (TransformerEncoderLayer, torch._transformer_encoder_layer_fwd) reads the weights
-        # directly when this is True and would compute plain attention.
-        self._qkv_same_embed_dim = not (causal or rotary or hkv != num_heads)
+        self.kdim = kdim
+        self.vdim = vdim
+        # False for separate q/k/v weights (as torch's) and for the extended variants (causal /
+        # GQA / rotary): torch's inference fast path (TransformerEncoderLayer,
+        # torch._transformer_encoder_layer_fwd) reads the weights directly when this is True
+        # and would compute plain attention.
+        self._qkv_same_embed_dim = not (separate or causal or rotary or hkv != num_heads)
         self.num_heads = num_heads
         self.dropout = dropout
         self.batch_first = batch_first
@@ -169,10 +193,16 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
         self.rope_theta = float(rope_theta)
 
         qkv_rows = embed_dim + 2 * hkv * head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty((qkv_rows, embed_dim), **factory_kwargs))
-        self.register_parameter("q_proj_weight", None)
-        self.register_parameter("k_proj_weight", None)
-        self.register_parameter("v_proj_weight", None)
+        if separate:  # torch's layout and registration order for kdim/vdim != embed_dim
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, kdim), **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, vdim), **factory_kwargs))
+            self.register_parameter("in_proj_weight", None)
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty((qkv_rows, embed_dim), **factory_kwargs))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
         if bias:
             self.in_proj_bias = nn.Parameter(torch.empty(qkv_rows, **factory_kwargs))
         else:
@@ -184,8 +214,13 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
         self._reset_parameters()  # torch's: xavier_uniform_ in_proj_weight, zero biases
 
     def _reset_parameters(self) -> None:
-        """torch's init: xavier_uniform_ on the packed in_proj_weight, zero biases."""
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        """torch's init: xavier_uniform_ on the packed in_proj_weight (or on each of the
+        separate q/k/v weights), zero biases."""
+        if self.in_proj_weight is not None:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
@@ -204,46 +239,54 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False, attn_mask: Tensor | None = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
-        """Self-attention with torch's signature: ``key`` and ``value`` must be ``query``.
+        """torch's signature and semantics; returns ``(out, None)``.
 
-        Returns ``(out, None)``. ``attn_mask`` may be the causal mask (bool, True above
-        the diagonal, or float, -inf above it) or a mask that masks nothing;
-        ``key_padding_mask`` may only mask nothing (checking it reads its values).
+        Self-attention with no mask, the causal mask (bool, True above the diagonal, or
+        float, -inf above it) or masks that mask nothing, and no active dropout, runs the
+        flash core; anything else (cross-attention, other masks, dropout in training) the
+        general path (class docstring). ``is_causal=True`` without ``attn_mask`` applies the
+        causal mask (torch requires the mask too); with a mask, the mask must be causal.
+        Checking whether ``key_padding_mask`` masks anything reads its values.
         """
         if need_weights:
             raise NotImplementedError(
                 "TwoBPAttention: need_weights=True is not supported (the flash kernels never form "
                 "the attention matrix); pass need_weights=False, the output is the same")
-        if key is not query or value is not query:
-            raise NotImplementedError(
-                "TwoBPAttention does self-attention only: key and value must be the query tensor "
-                "itself (cross-attention is not supported)")
-        seq_dim = 0 if query.dim() == 2 or not self.batch_first else 1
-        s = query.shape[seq_dim]
+        self_attn = key is query and value is query and self.in_proj_weight is not None
+        fast = self_attn and not (self.training and self.dropout > 0)
         if key_padding_mask is not None:
             kpm = key_padding_mask
-            pads = kpm.any() if kpm.dtype == torch.bool else (kpm != 0).any()
-            if pads:
-                raise NotImplementedError(
-                    "TwoBPAttention: key_padding_mask that masks keys is not supported; pad with "
-                    "ignored tokens and mask them in the loss, or pass key_padding_mask=None")
+            if bool(kpm.any() if kpm.dtype == torch.bool else (kpm != 0).any()):
+                fast = False
+            else:
+                key_padding_mask = None  # masks nothing
         causal = self.causal or bool(is_causal)
         if attn_mask is not None:
-            kind = _is_causal_mask(attn_mask, s)
-            if kind is None:
-                raise NotImplementedError(
-                    f"TwoBPAttention: attn_mask of shape {tuple(attn_mask.shape)} is neither the "
-                    f"causal mask nor empty; only causal attention is supported (pass is_causal=True "
-                    f"or construct with causal=True)")
+            seq_dim = 0 if query.dim() == 2 or not self.batch_first else 1
+            kind = _is_causal_mask(attn_mask, query.shape[seq_dim]) if key is query else None
             if is_causal and not kind:
-                raise ValueError("TwoBPAttention: is_causal=True but attn_mask is not the causal mask")
-            causal = causal or kind
-        return self._attend(query, causal), None
+                raise ValueError("TwoBPAttention: is_causal=True but attn_mask is not the causal mask; pass "
+                                 "is_causal=False with any other mask")
+            if kind is None:
+                fast = False
+            else:
+                causal, attn_mask = causal or kind, None
+        if fast:
+            return self._attend(query, causal), None
+        from .cross_attention import general_attention
+
+        return general_attention(self, query, key, value, key_padding_mask=key_padding_mask,
+                                 attn_mask=attn_mask, causal=causal), None
 
     def self_attention(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
         """Self-attention of x ([B, S, E] if batch_first, else [S, B, E]; or unbatched [S, E]),
         returning the output tensor only; causal if constructed so or ``is_causal``."""
-        return self._attend(x, self.causal or bool(is_causal))
+        causal = self.causal or bool(is_causal)
+        if (self.training and self.dropout > 0) or self.in_proj_weight is None:
+            from .cross_attention import general_attention
+
+            return general_attention(self, x, x, x, key_padding_mask=None, attn_mask=None, causal=causal)
+        return self._attend(x, causal)
 
     # ---- implementation -----------------------------------------------------------------
     def _attend(self, x: Tensor, causal: bool) -> Tensor:
@@ -282,12 +325,6 @@ class TwoBPAttention(TwoBPModule, nn.MultiheadAttention):
         return split_apply(_LINEAR, proj, f"{label}.out_proj", (o,), (proj.weight, proj.bias))
 
     def _check_supported(self) -> None:
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(
-                f"TwoBPAttention: attention dropout (dropout={self.dropout}) in training is not "
-                "supported; construct with dropout=0.0 (or call .eval())")
-        if self.in_proj_weight is None:
-            raise NotImplementedError("TwoBPAttention: separate q/k/v projection weights (kdim/vdim "
-                                      "!= embed_dim) are not supported")
         if self.bias_k is not None or self.add_zero_attn:
-            raise NotImplementedError("TwoBPAttention: add_bias_kv / add_zero_attn are not supported")
+            raise NotImplementedError("TwoBPAttention: add_bias_kv / add_zero_attn are not supported; build the "
+                                      "module without them (or keep torch's nn.MultiheadAttention)")

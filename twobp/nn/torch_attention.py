@@ -5,7 +5,8 @@ What a torch user writes for LLaMa/BERT-style self-attention: one packed QKV pro
 core through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels, GQA via
 ``enable_gqa``) and ``out_proj``, an ``nn.Linear``. It keeps TwoBPAttention's attributes,
 Parameters and state_dict, so :func:`twobp.revert` swaps one into the other by class, and
-autograd runs its whole backward (no split).
+autograd runs its whole backward (no split). Without those extensions it *is* torch's
+``nn.MultiheadAttention`` (cross-attention, masks, dropout: its own forward).
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ class TorchAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False, attn_mask: Tensor | None = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
+        if not self._extended():  # plain attention: torch's own nn.MultiheadAttention
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
         if key is not query or value is not query or need_weights or attn_mask is not None \
                 or key_padding_mask is not None:
-            raise NotImplementedError("TorchAttention mirrors TwoBPAttention's self-attention: pass "
-                                      "key = value = query, no masks, need_weights=False")
+            raise NotImplementedError("TorchAttention with causal/rotary/num_kv_heads mirrors TwoBPAttention's "
+                                      "self-attention: pass key = value = query, no masks, need_weights=False")
         return self.self_attention(query, is_causal=is_causal), None
+
+    def _extended(self) -> bool:
+        return self.causal or self.rotary or (self.num_kv_heads or self.num_heads) != self.num_heads
 
     def self_attention(self, x: Tensor, *, is_causal: bool = False) -> Tensor:
         """x [B, S, E] if batch_first, else [S, B, E]; returns the same layout."""
+        if self.in_proj_weight is None or (self.training and self.dropout > 0):
+            return super().forward(x, x, x, need_weights=False, is_causal=False,
+                                   attn_mask=_causal_mask(x, self.batch_first) if is_causal or self.causal
+                                   else None)[0]
         xb = x if self.batch_first else x.transpose(0, 1)            # (B, S, E)
         h, d = self.num_heads, self.head_dim
         hkv = self.num_kv_heads or h
@@ -50,3 +62,8 @@ class TorchAttention(nn.MultiheadAttention):
                                            is_causal=self.causal or is_causal, enable_gqa=hkv != h)
         out = self.out_proj(o.transpose(1, 2).flatten(2))         # (B, S, E)
         return out if self.batch_first else out.transpose(0, 1)
+
+
+def _causal_mask(x: Tensor, batch_first: bool) -> Tensor:
+    s = x.shape[1 if batch_first and x.dim() == 3 else 0]
+    return nn.Transformer.generate_square_subsequent_mask(s, device=x.device, dtype=x.dtype)
