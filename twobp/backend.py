@@ -3,7 +3,8 @@
 The rule, in order:
 
 1. ``with twobp.use_backend("torch" | "triton"):`` forces one (tests use this).
-2. The environment variable ``TWOBP_BACKEND=torch|triton`` forces one.
+2. The environment variable ``TWOBP_BACKEND=torch|triton`` forces one (read on the first
+   op; :func:`reload_environment` reads it, and ``TRITON_INTERPRET``, again).
 3. CUDA tensors take Triton.
 4. CPU tensors take the torch reference, unless ``TRITON_INTERPRET=1`` is set, in which
    case they run the real Triton kernels through Triton's interpreter (how CPU tests
@@ -19,15 +20,27 @@ from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["Backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available"]
+__all__ = ["Backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available", "reload_environment"]
 
 Backend = Literal["torch", "triton"]
 _VALID = ("torch", "triton")
 _local = threading.local()
 
 
+_env: dict[str, str | None] = {}  # the two variables, read once (see reload_environment)
+
+
+def reload_environment() -> None:
+    """Read ``TWOBP_BACKEND`` and ``TRITON_INTERPRET`` again. They are read once, on the first
+    op, because this sits on every op's path; call this after changing them at run time."""
+    _env["backend"] = os.environ.get("TWOBP_BACKEND") or None
+    _env["interpret"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not _env:
+        reload_environment()
+    return bool(_env["interpret"])
 
 
 def triton_available() -> bool:
@@ -54,7 +67,9 @@ def use_backend(name: Backend) -> Iterator[None]:
 
 def resolve_backend(device: torch.device) -> Backend:
     """The backend that runs ops on tensors of ``device`` (see the module docstring)."""
-    forced = getattr(_local, "forced", None) or os.environ.get("TWOBP_BACKEND") or None
+    if not _env:
+        reload_environment()
+    forced = getattr(_local, "forced", None) or _env["backend"]
     if forced is not None:
         if forced not in _VALID:
             raise ValueError(f"TWOBP_BACKEND must be one of {_VALID}, got {forced!r}")
