@@ -5,7 +5,9 @@
 * :func:`make_schedule`: ``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``auto``.
 * :func:`validate`, :func:`simulate`, :class:`Timeline` (Chrome trace + PNG).
 * :class:`PipelineExecutor` runs a schedule for real; :func:`spawn` / :func:`init_from_env`
-  start the processes.
+  start the processes; :func:`pipeline_blocks` turns any list of modules (tensor or tuple in,
+  tensor or tuple out) into blocks for it (ready splitters for Hugging Face models:
+  :mod:`twobp.hf`).
 
 Executor names are imported lazily so that schedule work does not need torch.distributed.
 """
@@ -30,6 +32,9 @@ _LAZY = {
     "WorkerError": ".launch",
     "simulate_main": ".cli_simulate",
     "init_mesh": ".parallel",
+    "pipeline_blocks": ".blocks",
+    "pack": ".blocks",
+    "unpack": ".blocks",
     "replica_slice": ".parallel",
 }
 

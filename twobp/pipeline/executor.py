@@ -37,6 +37,7 @@ from torch import nn
 
 from .actions import Schedule
 from .comm import P2P
+from .deferral import warn_if_nothing_deferred
 from .comm import one_way_channels as _one_way_channels
 from .lowering import comm_peer, lower_comm, message_key
 from ..store import ActivationStore
@@ -207,6 +208,7 @@ class PipelineExecutor:
         if not overlap_steps and carried:  # run as written, at the end of the step
             self._lowered = lower_comm(schedule.replace(carry=()))
         self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
+        warn_if_nothing_deferred(self.stages, schedule_name=schedule.name, rank=self.rank, splits=bool(self._split))
         self.overlap_steps = overlap_steps
         self.store = store if store is not None else ActivationStore()
         self._steps_begun = 0  # training steps started on this executor (for error messages)
