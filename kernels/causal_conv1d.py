@@ -40,9 +40,12 @@ __all__ = ["MAX_TAPS", "causal_conv1d_fwd", "causal_conv1d_dx", "causal_conv1d_d
 MAX_TAPS = 16  #: most taps K the kernels unroll
 
 if _INTERPRET:
-    _BLOCK_T, _BLOCK_C, _WARPS = 16, 16, 1  # small tiles: the tests' odd shapes leave ragged edges
+    _BLOCK_T, _BLOCK_C, _DW_BLOCK_T, _WARPS = 16, 16, 16, 1  # small tiles: the tests' odd shapes leave ragged edges
 else:
-    _BLOCK_T, _BLOCK_C, _WARPS = 32, 64, 4  # 32 x 64 fp32 accumulator: 16 values per thread
+    # forward / p1: a 32 x 32 fp32 accumulator, 8 values per thread, and K shifted loads in flight;
+    # p2: [16 steps, K taps, 32 channels] of x per step of the row walk. ptxas for sm_90 / sm_80: no
+    # spills in fp16 / bf16 even without alignment hints (tests/kernels/test_scan_compile.py).
+    _BLOCK_T, _BLOCK_C, _DW_BLOCK_T, _WARPS = 32, 32, 16, 4
 
 _MB_COLS = 6  # table row: x address, dy address, batch, L, x batch stride, x time stride
 
@@ -234,7 +237,7 @@ def causal_conv1d_dw(xs: Sequence[torch.Tensor] | torch.Tensor, dys: Sequence[to
                           for x, dy in zip(xs, dys)], device)
     _dw_kernel[(triton.cdiv(C, _BLOCK_C),)](table, len(xs), xs[0], dys[0], acc_w, acc_b, C, K=K,
                                             BLOCK_K=triton.next_power_of_2(K), HAS_BIAS=dbias is not None,
-                                            BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS)
+                                            BLOCK_T=_DW_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS)
     dweight.add_(acc_w.view(dweight.shape).to(dweight.dtype))
     if dbias is not None:
         dbias.add_(acc_b.to(dbias.dtype))

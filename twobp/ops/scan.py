@@ -81,7 +81,7 @@ def scan_fwd_ref(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A_log: Tensor, 
         bu = (dt * uu).unsqueeze(-1) * B[:, c0:c1].to(ct).unsqueeze(2)  # [b, T, E, N]
         states = []
         for t in range(c1 - c0):
-            h = a[:, t] * h + bu[:, t]
+            h = torch.addcmul(bu[:, t], a[:, t], h)  # a_t h_{t-1} + Δ_t u_t B_t, one kernel per step
             states.append(h)
         hs = torch.stack(states, 1)  # [b, T, E, N]
         ys.append(torch.einsum("btn,bten->bte", C[:, c0:c1].to(ct), hs) + D.to(ct) * uu)
@@ -120,26 +120,25 @@ def _scan_bwd_ref(dy: Tensor, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, A_
         h, prev = h0, []
         for t in range(c1 - c0):  # recompute the chunk's states from its boundary state
             prev.append(h)
-            h = a[:, t] * h + bu[:, t]
-        h_prev = torch.stack(prev, 1)  # h_{t-1}, [b, T, E, N]
-        hs = a * h_prev + bu  # h_t
+            h = torch.addcmul(bu[:, t], a[:, t], h)
+        ahp = a * torch.stack(prev, 1)  # a_t h_{t-1}, [b, T, E, N]
+        hs = ahp + bu  # h_t
         cc = Cc.unsqueeze(2) * dyc.unsqueeze(-1)  # C_t ⊗ dy_t
-        ss, r = [None] * (c1 - c0), rho
+        ss, s = [None] * (c1 - c0), None
         for t in reversed(range(c1 - c0)):  # s_t = C_t dy_t + a_{t+1} s_{t+1}
-            s = cc[:, t] + r
+            s = cc[:, t] + rho if s is None else torch.addcmul(cc[:, t], a[:, t + 1], s)
             ss[t] = s
-            r = a[:, t] * s
-        rho = r
+        rho = a[:, 0] * s  # a_{c0} s_{c0}: into the previous chunk's last state
         s = torch.stack(ss, 1)  # [b, T, E, N]
-        ahp = a * h_prev  # a_t h_{t-1}
-        if inputs:
-            sB = (s * Bc.unsqueeze(2)).sum(-1)  # [b, T, E]
+        sah = s * ahp  # s_t a_t h_{t-1}: dΔ's and dA's shared term
+        if inputs:  # reductions as matrix products: one pass over the [b, T, E, N] blocks each
+            sB = torch.einsum("bten,btn->bte", s, Bc)  # Σ_n s_t B_t
             du[:, c0:c1] = sB * dt + Dc * dyc
-            ddelta[:, c0:c1] = sB * uu + (s * A * ahp).sum(-1)
-            dB[:, c0:c1] = (s * (dt * uu).unsqueeze(-1)).sum(2)
-            dC[:, c0:c1] = (hs * dyc.unsqueeze(-1)).sum(2)
+            ddelta[:, c0:c1] = sB * uu + torch.einsum("bten,en->bte", sah, A)
+            dB[:, c0:c1] = torch.einsum("bten,bte->btn", s, dt * uu)
+            dC[:, c0:c1] = torch.einsum("bten,bte->btn", hs, dyc)
         if params:
-            dA += (s * ahp * dt.unsqueeze(-1)).sum((0, 1))
+            dA += (sah * dt.unsqueeze(-1)).sum((0, 1))
             dD += (dyc * uu).sum((0, 1))
     if inputs:
         grads_in = (du.to(u.dtype), ddelta.to(delta.dtype), dB.to(B.dtype), dC.to(C.dtype))
