@@ -96,6 +96,11 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
                    help="size preset, e.g. tiny, small, 7b (llama), large (bert), 152 (resnet); run's default, "
                         "llama small (23 M parameters), is where compute, not overhead, fills a CPU step")
     g.add_argument("--tie-embeddings", action="store_true", help="tie the LM head to the embedding")
+    g.add_argument("--hf-config", default=None, metavar="PATH_OR_NAME",
+                   help="train a Hugging Face model from a config instead of --model/--preset: a config.json (or "
+                        "its folder), or a transformers model type with overrides, e.g. "
+                        "llama:hidden_size=64,intermediate_size=128,num_hidden_layers=4,num_attention_heads=4; "
+                        "random weights, nothing downloaded (needs transformers)")
     g.add_argument("--batch-size", type=int, default=4 if job == "run" else d.batch_size,
                    help="sequences/images per step")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order")
@@ -155,7 +160,8 @@ def _job_main(args: argparse.Namespace) -> int:
                         threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,
                         overlap_steps=args.overlap_steps, dp=args.dp, dtype=args.dtype,
                         clip_grad_norm=args.clip_grad_norm, bucket_mb=args.bucket_mb,
-                        out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet)
+                        out=args.out, checkpoint=args.checkpoint, resume=args.resume, quiet=args.quiet,
+                        hf_config=args.hf_config)
         cfg.preflight()
         if args.json:
             from .train import _check_writable
@@ -168,7 +174,8 @@ def _job_main(args: argparse.Namespace) -> int:
     machine = machine_name(device) if device.type == "cuda" else f"{machine_name(device).split(' (')[0]}"
     is_rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
     if is_rank0:
-        print(f"twobp {args.job}: {cfg.model}/{cfg.preset}, {cfg.stages} stages x {cfg.chunks} chunks"
+        what = f"hf:{cfg.hf_config}" if cfg.hf_config else f"{cfg.model}/{cfg.preset}"
+        print(f"twobp {args.job}: {what}, {cfg.stages} stages x {cfg.chunks} chunks"
               f"{f' x {cfg.dp} replicas' if cfg.dp > 1 else ''}, {cfg.dtype}, "
               f"{cfg.microbatches} micro-batches of {cfg.batch_size // cfg.dp // cfg.microbatches}+ rows"
               f"{' per replica' if cfg.dp > 1 else ''}, {cfg.steps} steps, "

@@ -104,6 +104,10 @@ class JobConfig:
     """Folder of per-stage state dicts (any stage count) to start from."""
     quiet: bool = False
     """No per-step progress lines."""
+    hf_config: str | None = None
+    """A Hugging Face config instead of --model/--preset: a config.json (or its folder), or a
+    transformers model type with overrides (``llama:hidden_size=64,...``); the model is built
+    with random weights, converted and cut by twobp.hf (nothing is downloaded)."""
 
     def __post_init__(self) -> None:
         for name in ("stages", "chunks", "microbatches", "batch_size", "steps", "threads", "dp"):
@@ -151,12 +155,15 @@ class JobConfig:
         from .pipeline import SCHEDULE_NAMES, make_schedule
 
         overrides = {"tie_embeddings": self.tie_embeddings} if self.model == "llama" else {}
-        if self.tie_embeddings and self.model != "llama":
-            raise ValueError(f"--tie-embeddings is for llama models, not {self.model}")
+        if self.tie_embeddings and (self.model != "llama" or self.hf_config):
+            raise ValueError(f"--tie-embeddings is for llama models, not {self.hf_config or self.model} (a Hugging Face "
+                             "config says tie_word_embeddings itself)")
         try:
-            model = models.build(self.model, self.preset, device="meta", **overrides)
-        except ValueError as e:
-            raise ValueError(f"--model {self.model} --preset {self.preset}: {e}") from None
+            model = _meta_model(self) if self.hf_config else models.build(self.model, self.preset, device="meta",
+                                                                          **overrides)
+        except (ValueError, NotImplementedError, ImportError) as e:
+            what = f"--hf-config {self.hf_config}" if self.hf_config else f"--model {self.model} --preset {self.preset}"
+            raise ValueError(f"{what}: {e}") from None
         blocks = model.blocks()
         need = self.stages * self.chunks
         if len(blocks) < need:
@@ -263,6 +270,8 @@ def batch_source(model_name: str, model):
     corpus for language models, the model's labelled synthetic batches otherwise."""
     from .data import ByteCorpus, SyntheticBatches
 
+    if hasattr(model, "batch_source"):  # a Hugging Face job model (twobp.hf.job)
+        return model.batch_source()
     if model_name in ("llama", "mamba"):
         return ByteCorpus(seq_len=model.config.seq_len + 1)
     return SyntheticBatches(lambda batch_size, generator=None, device=None:
@@ -270,7 +279,7 @@ def batch_source(model_name: str, model):
 
 
 def _items_per_step(cfg: JobConfig, model) -> tuple[int, str]:
-    if cfg.model in ("llama", "bert", "mamba"):
+    if cfg.model in ("llama", "bert", "mamba") or cfg.hf_config:
         return cfg.batch_size * model.config.seq_len, "tokens"
     return cfg.batch_size, "samples"
 
@@ -279,12 +288,25 @@ def _overrides(cfg: JobConfig) -> dict:
     return {"tie_embeddings": cfg.tie_embeddings} if cfg.model == "llama" else {}
 
 
+def _meta_model(cfg: JobConfig):
+    """The job's model on the meta device: blocks and sizes, no memory."""
+    if cfg.hf_config:
+        from .hf.job import HFJobModel
+        return HFJobModel(cfg.hf_config, device="meta")
+    from . import models
+    return models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg))
+
+
 def _build_stage_model(cfg: JobConfig, pp_rank: int, device):
     """This rank's blocks only (the rest stay on the meta device), and the cut they follow.
     Values equal the whole model built with the same seed."""
     from . import models
     from .pipeline.partition import balance
 
+    if cfg.hf_config:  # every rank builds the whole (seeded) model and keeps its own blocks
+        from .hf.job import HFJobModel
+        model = HFJobModel(cfg.hf_config, seed=cfg.seed, device=device, dtype=cfg.torch_dtype)
+        return model, balance(len(model.blocks()), cfg.stages * cfg.chunks)
     meta = models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg))
     part = balance(len(meta.blocks()), cfg.stages * cfg.chunks)
     mine = [i for s in range(cfg.stages * cfg.chunks) if s % cfg.stages == pp_rank for i in part.blocks_of(s)]
@@ -365,7 +387,7 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
         device = torch.device("cuda", torch.cuda.current_device())
     mesh = init_mesh(pp=cfg.stages, dp=cfg.dp)
     pp_group = mesh.get_group("pp")
-    data = batch_source(cfg.model, models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg)))
+    data = batch_source(cfg.model, _meta_model(cfg))
     # auto places its P2 by measured costs; carried P2 is sized by them too
     wants_costs = any(v.twobp and (v.schedule == "auto" or cfg.overlap_steps) for v in cfg.variants)
     costs = _probe_costs(cfg, mesh, device, data) if wants_costs else None
