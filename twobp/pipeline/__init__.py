@@ -7,7 +7,8 @@
 * :class:`PipelineExecutor` runs a schedule for real; :func:`spawn` / :func:`init_from_env`
   start the processes; :func:`pipeline_blocks` turns any list of modules (tensor or tuple in,
   tensor or tuple out) into blocks for it (ready splitters for Hugging Face models:
-  :mod:`twobp.hf`).
+  :mod:`twobp.hf`); :class:`TwoBPPipelineStage` runs twobp stages under torch.distributed.pipelining's
+  own schedules (its I step is p1, its W step p2).
 
 Executor names are imported lazily so that schedule work does not need torch.distributed.
 """
@@ -33,6 +34,7 @@ _LAZY = {
     "simulate_main": ".cli_simulate",
     "init_mesh": ".parallel",
     "pipeline_blocks": ".blocks",
+    "TwoBPPipelineStage": ".torch_runtime",
     "pack": ".blocks",
     "unpack": ".blocks",
     "replica_slice": ".parallel",
