@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (../shared/design/GPU.md): environment, correctness of every
-# Triton kernel in fp32/fp16/bf16, microbenchmarks against torch, per-layer F/P1/P2 costs and
-# the predicted 4-stage pipeline gain. Finishes well inside 8 minutes on an H100.
+# Every GPU check in one call (../shared/design/GPU.md), sized for a short lease: done within
+# 6 minutes of starting on an H100/H200, install and autotuning included. Phases, in order:
+# environment; correctness of every kernel in bf16/fp16/fp32 against float64; linear vs cuBLAS
+# at LLaMa-7B shapes; attention vs SDPA flash at head dim 128; norms and convs; per-block
+# F/P1/P2 of a LLaMa-7B and a BERT-Large block; the simulator's 4-stage prediction. Each phase
+# writes its files into OUT_DIR as soon as it ends, and OUT_DIR/summary.md (one screen) after
+# every phase, so a timeout still leaves data. See twobp/benchmarks/gpu_check.py.
 #
 #   bench/gpu_check.sh [OUT_DIR]          on a GPU machine (no network: installs with --no-deps)
 #   bench/gpu_check.sh --dry-run [OUT]    on a CPU: the same script at tiny sizes, interpreter
+#
+# GPU_CHECK_BUDGET (seconds, default 360) is the whole budget; the Python part gets what the
+# install leaves, less 20 s of margin, and is stopped (TERM, then KILL) if it overruns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+budget=${GPU_CHECK_BUDGET:-360}
 PY=${PYTHON:-python3}
 dry=()
 if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); shift; fi
@@ -14,6 +23,20 @@ out=${1:-${OUT:-}}
 [ -n "${TWOBP_SKIP_INSTALL:-}" ] || "$PY" -m pip install -q --no-deps --no-build-isolation -e . || {
   echo "gpu_check: 'pip install --no-deps --no-build-isolation -e .' failed (needs setuptools>=64)" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}  # Triton 3.9's default, without its warning
 args=("${dry[@]}")
 [ -n "$out" ] && args+=(--out "$out")
-exec "$PY" -m twobp.benchmarks.gpu_check "${args[@]}"
+if [ ${#dry[@]} -gt 0 ]; then
+  exec "$PY" -m twobp.benchmarks.gpu_check "${args[@]}"
+fi
+installed=$(date +%s)
+left=$(( start + budget - installed ))
+echo "gpu_check: install took $(( installed - start )) s; $left s left of $budget"
+set +e
+timeout --signal=TERM --kill-after=10 "$(( left - 5 ))" \
+  "$PY" -m twobp.benchmarks.gpu_check "${args[@]}" --deadline "$(( start + budget - 20 ))"
+rc=$?
+set -e
+[ "$rc" -eq 124 ] && echo "gpu_check: stopped at the time limit; the phases that finished are in the output folder" >&2
+echo "gpu_check: $(( $(date +%s) - start )) s in all"
+exit "$rc"

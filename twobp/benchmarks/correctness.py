@@ -2,9 +2,12 @@
 
 For each op at an odd shape and each dtype: run our forward, dX (p1) and dW (p2, accumulated
 into non-zero buffers), compute the same with torch autograd in float64 from the same
-inputs, and report the relative error by norm of every output. Fresh random inputs (never
-zeros). Before each launch the caching allocator is *poisoned*: a block is filled with NaN
-and released, so an output element a kernel forgets to write comes back NaN and fails.
+inputs, and report the relative error by norm of every output. p2 is checked twice: over the
+whole batch as one micro-batch, and batched over two micro-batches (the first rows / images
+and the rest) in one call, which is the micro-batch-table path of the kernels. Fresh random
+inputs (never zeros). Before each launch the caching allocator is *poisoned*: a block is
+filled with NaN and released, so an output element a kernel forgets to write comes back NaN
+and fails. The cases include an aligned linear shape, which Hopper runs on the TMA kernels.
 
 Used by ``bench/gpu_check.sh`` on CUDA (bf16, fp16, fp32) and dry-run on CPU.
 """
@@ -57,6 +60,7 @@ def ODD_CASES():
 
     return [
         _linear_case("odd", 37, 53, 29),
+        _linear_case("aligned", 200, 96, 80),  # 16-byte rows: the TMA kernels on sm_90
         _layer_norm_case("odd", 37, 53),
         _rms_norm_case("odd", 37, 53),
         _attention_case("odd", 2, 37, 4, 2, 32, True),
@@ -95,7 +99,8 @@ def _check_case(case, device: torch.device, dtype: torch.dtype) -> list[CheckRow
 
 def _check_outputs(case, op, inputs, params, dy, gen, device, dtype) -> list[CheckRow]:
     _poison_allocator(device)
-    y, p1, p2 = op.forward(inputs, params, save_p1=True, save_p2=True)
+    y, p1, _ = op.forward(inputs, params, save_p1=True, save_p2=True)
+    p2 = op.forward(inputs, params, save_p1=False, save_p2=True)[2]  # the deferred p2's own set
     _poison_allocator(device)
     dxs = op.input_grads(dy, p1, params, tuple(True for _ in inputs))
     start = [torch.randn(p.shape, generator=gen).to(device, torch.float32) if p is not None else None
@@ -116,11 +121,31 @@ def _check_outputs(case, op, inputs, params, dy, gen, device, dtype) -> list[Che
     for i, dx in enumerate(dxs):
         rows.append(CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), f"dx{i}",
                              _rel(dx, g64[i]), tol))
+    batched = _batched_p2(op, inputs, params, dy, start, device)
     gi = len(x64)
     for j, (g, s) in enumerate(zip(grads, start)):
         if g is None:
             continue
         rows.append(CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), f"dparam{j}",
                              _rel(g - s, g64[gi]), tol))
+        if batched is not None:
+            rows.append(CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), f"dparam{j} batched x2",
+                                 _rel(batched[j] - s, g64[gi]), tol))
         gi += 1
     return rows
+
+
+def _batched_p2(op, inputs, params, dy, start, device):
+    """p2 over two micro-batches (the batch split along dim 0) in one param_grads call, into
+    copies of ``start``; None when the op has no parameters or the batch has one row."""
+    if all(p is None for p in params) or inputs[0].shape[0] < 2:
+        return None
+    halves = [torch.tensor_split(t, 2, dim=0) for t in (*inputs, dy)]
+    saved = []
+    for i in range(2):
+        _, _, p2_i = op.forward(tuple(h[i] for h in halves[:-1]), params, save_p1=False, save_p2=True)
+        saved.append(p2_i)
+    grads = [s.clone() if s is not None else None for s in start]
+    _poison_allocator(device)
+    op.param_grads([halves[-1][0], halves[-1][1]], saved, grads)
+    return grads

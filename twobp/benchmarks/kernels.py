@@ -23,6 +23,7 @@ so: those figures time the split bookkeeping, not the kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import math
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from ..backend import resolve_backend
 from .timing import machine_name, median_seconds
 
-__all__ = ["BenchRow", "OpCase", "run_kernel_bench", "main"]
+__all__ = ["BenchRow", "OpCase", "default_cases", "run_kernel_bench", "main"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,15 @@ def _attention_case(label: str, b: int, s: int, h: int, hkv: int, d: int, causal
                   torch_fn, {"fwd": fwd, "dx": 2.5 * fwd}, "TFLOP/s")
 
 
+def _flash(q: torch.Tensor):
+    """SDPA restricted to flash attention for 16-bit CUDA tensors; any backend otherwise."""
+    if q.device.type != "cuda" or q.dtype == torch.float32:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
 def _conv_case(label: str, n: int, c: int, hw: int, o: int, k: int, stride: int) -> OpCase:
     pad = k // 2
 
@@ -189,7 +199,10 @@ def _rate(case: OpCase, phase: str, ms: float, dtype: torch.dtype) -> float | No
 
 
 def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend) -> list[BenchRow]:
-    y, p1, p2 = op.forward(inputs, params, save_p1=True, save_p2=True)
+    y, p1, p2_fused = op.forward(inputs, params, save_p1=True, save_p2=True)
+    # p2's own saved set, as a deferred p2 reads it (an op may fold its p2 into p1 when both are
+    # saved together, e.g. LayerNorm on the torch backend; its p2 set is then empty)
+    p2 = op.forward(inputs, params, save_p1=False, save_p2=True)[2]
     dy = torch.randn_like(y)
     needs = tuple(True for _ in inputs)
     grads = [torch.zeros_like(p, dtype=torch.float32) if p is not None else None for p in params]
@@ -220,7 +233,7 @@ def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
         phases.append(("dx+dw", lambda: (op.input_grads(dy, p1, params, needs), op.param_grads([dy], [p2], grads)),
                        t_grad(t_inputs + t_p), None))
         p_needs = tuple(p is not None for p in params)
-        phases.append(("fused (normal mode)", lambda: op.fused_grads(dy, p1, p2, params, needs, p_needs),
+        phases.append(("fused (normal mode)", lambda: op.fused_grads(dy, p1, p2_fused, params, needs, p_needs),
                        t_grad(t_inputs + t_p), None))
     rows = []
     for phase, ours, theirs, work in phases:
@@ -246,13 +259,20 @@ def _bench_phases(case, op, inputs, params, device, dtype, micro, reps, backend)
     return rows
 
 
-def run_kernel_bench(*, device: torch.device, dtype: torch.dtype, tokens: int, images: int, micro: int = 4,
-                     reps: int = 5, ops: Sequence[str] | None = None, progress: Callable[[str], None] = print
-                     ) -> list[BenchRow]:
-    """Time every case (or those of ``ops``); ``progress`` gets one line per case."""
+def run_kernel_bench(*, device: torch.device, dtype: torch.dtype, tokens: int = 0, images: int = 0, micro: int = 4,
+                     reps: int = 5, ops: Sequence[str] | None = None, progress: Callable[[str], None] = print,
+                     cases: Sequence[OpCase] | None = None, deadline: float | None = None) -> list[BenchRow]:
+    """Time every case (``cases``, else the default ones, or those of ``ops``); ``progress``
+    gets one line per case. Past ``deadline`` (time.monotonic()) the remaining cases are skipped."""
+    import time
+
     rows: list[BenchRow] = []
-    cases = [c for c in default_cases(tokens, images) if ops is None or c.op_name in ops]
+    if cases is None:
+        cases = [c for c in default_cases(tokens, images) if ops is None or c.op_name in ops]
     for i, case in enumerate(cases, 1):
+        if deadline is not None and time.monotonic() > deadline:
+            progress(f"[{i}/{len(cases)}] {case.op_name} {case.shape}: skipped, out of time")
+            continue
         progress(f"[{i}/{len(cases)}] {case.op_name} {case.shape}")
         try:
             rows.extend(_bench_case(case, device, dtype, micro, reps))
@@ -274,9 +294,9 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(out)
 
 
-def write_results(rows: Sequence[BenchRow], out_dir: Path, header: str) -> tuple[Path, Path]:
+def write_results(rows: Sequence[BenchRow], out_dir: Path, header: str, stem: str = "kernels") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, cs = out_dir / "kernels.md", out_dir / "kernels.csv"
+    md, cs = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
     md.write_text(header + "\n\n" + format_table(rows) + "\n")
     with cs.open("w", newline="") as f:
         w = csv.writer(f)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..split import backward_p2, split_backward
 
-__all__ = ["BlockCosts", "measure_block", "predict_pipeline_gain"]
+__all__ = ["BlockCosts", "measure_block", "measure_blocks", "prediction_markdown", "predict_pipeline_gain", "write_layers"]
 
 
 class BlockCosts(dict):
@@ -92,18 +92,38 @@ def _blocks_to_measure(device: torch.device, dry_run: bool):
     return out
 
 
-def predict_pipeline_gain(*, device: torch.device, out: Path, dry_run: bool = False, stages: int = 4) -> str:
-    """Measure block costs, write layers.csv and prediction.md, return the markdown."""
+def measure_blocks(*, device: torch.device, dry_run: bool = False, progress=print) -> list[tuple]:
+    """[(label, seq, n_layers, BlockCosts)] of one LLaMa-7B and one BERT-Large block (tiny ones in
+    a dry run), micro-batch of one sequence."""
+    rows = []
+    for label, block, make, n_layers, seq in _blocks_to_measure(device, dry_run):
+        c = measure_block(block, make, device=device, reps=2 if dry_run else 5, warmup=1 if dry_run else 2)
+        progress(f"  {label}: F {c['F'] * 1e3:.2f} ms, P1 {c['P1'] * 1e3:.2f} ms, P2 {c['P2'] * 1e3:.2f} ms, "
+                 f"fused B {c['B'] * 1e3:.2f} ms")
+        rows.append((label, seq, n_layers, c))
+    return rows
+
+
+def write_layers(rows: list[tuple], path: Path) -> None:
+    """The measured block costs as CSV."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["block", "seq", "F_ms", "P1_ms", "P2_ms", "B_ms"])
+        for label, seq, _, c in rows:
+            w.writerow([label, seq, *(f"{c[k] * 1e3:.4f}" for k in ("F", "P1", "P2", "B"))])
+
+
+def prediction_markdown(rows: list[tuple], *, device: torch.device, stages: int = 4) -> tuple[str, list[str]]:
+    """The simulator's prediction for ``stages`` stages from measured block costs: (markdown,
+    one summary line per model)."""
     from ..pipeline import make_schedule, simulate
 
     lines = ["## Per-layer costs and the predicted pipeline gain (PREDICTION, not a multi-GPU measurement)", "",
              f"One block per model, micro-batch of 1 sequence, timed on {device}; a stage holds "
              f"n_layers/{stages} blocks; the simulator runs each schedule on those costs with free "
              "communication. Gain = predicted throughput / plain 1F1B's.", ""]
-    rows = []
-    for label, block, make, n_layers, seq in _blocks_to_measure(device, dry_run):
-        c = measure_block(block, make, device=device, reps=2 if dry_run else 5, warmup=1 if dry_run else 2)
-        rows.append((label, seq, c))
+    short = []
+    for label, seq, n_layers, c in rows:
         per_stage = max(1, n_layers // stages)
         costs = {k: per_stage * c[k] for k in ("F", "P1", "P2", "B")}
         lines += [f"### {label}: F {c['F'] * 1e3:.2f} ms, P1 {c['P1'] * 1e3:.2f} ms, P2 {c['P2'] * 1e3:.2f} ms, "
@@ -112,18 +132,26 @@ def predict_pipeline_gain(*, device: torch.device, out: Path, dry_run: bool = Fa
                   "|---|---|---:|---:|---:|---:|"]
         for m in (stages, 2 * stages):
             base = simulate(make_schedule("1f1b", stages=stages, microbatches=m, twobp=False), costs)
+            gains = {}
             for name, twobp in (("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True),
                                 ("zb-h1", True), ("auto", True)):
                 sched = make_schedule(name, stages=stages, microbatches=m, twobp=twobp, costs=costs)
                 r = simulate(sched, costs)
+                gains[(name, twobp)] = base.makespan / r.makespan
                 lines.append(f"| {name} | {'yes' if twobp else 'no'} | {m} | {r.makespan * 1e3:.1f} | "
-                             f"{r.bubble_fraction:.1%} | {base.makespan / r.makespan:.2f}x |")
+                             f"{r.bubble_fraction:.1%} | {gains[(name, twobp)]:.2f}x |")
+            if m == 2 * stages:
+                short.append(f"{label}, {stages} stages x {m} micro-batches: 1F1B+2BP {gains[('1f1b', True)]:.2f}x, "
+                             f"ZB-H1 {gains[('zb-h1', True)]:.2f}x, auto {gains[('auto', True)]:.2f}x vs 1F1B "
+                             "(PREDICTED)")
         lines.append("")
-    with (out / "layers.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["block", "seq", "F_ms", "P1_ms", "P2_ms", "B_ms"])
-        for label, seq, c in rows:
-            w.writerow([label, seq, *(f"{c[k] * 1e3:.4f}" for k in ("F", "P1", "P2", "B"))])
-    text = "\n".join(lines)
+    return "\n".join(lines), short
+
+
+def predict_pipeline_gain(*, device: torch.device, out: Path, dry_run: bool = False, stages: int = 4) -> str:
+    """Measure block costs, write layers.csv and prediction.md, return the markdown."""
+    rows = measure_blocks(device=device, dry_run=dry_run)
+    write_layers(rows, out / "layers.csv")
+    text, _ = prediction_markdown(rows, device=device, stages=stages)
     (out / "prediction.md").write_text(text + "\n")
     return text
