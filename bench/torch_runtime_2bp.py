@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(f"`python bench/torch_runtime_2bp.py {' '.join(argv or [])}`\n\n" + text)
+        Path(args.out).write_text(f"`python bench/torch_runtime_2bp.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n" + text)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0
