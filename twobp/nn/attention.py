@@ -19,6 +19,10 @@ What is saved, for whom, and when it is freed (B·S tokens, E = H·D, Hkv·D = E
   rotated q, k) , o [B, S, E] and lse [B, H, S] fp32; freed when p1 runs.
 * out_proj p2 (store entry of ``out_proj``): o (the same storage the core saves) and the
   deposited dOut [B, S, E]; freed by ``twobp.backward_p2``.
+
+Cross-attention, masks other than the causal one, separate q/k/v weights (kdim/vdim) and
+attention dropout in training take the general path of :mod:`twobp.nn.cross_attention`:
+the same deferred projections, torch's SDPA as the (weightless) core.
 """
 
 from __future__ import annotations
