@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  blocks (mixer + norm, all {c.n_layers}): {block_total - block_p1:,} of {block_total:,} deferred "
           f"({(block_total - block_p1) / block_total:.1%})")
     if model.tied:
-        print("  the tied embedding/head weight gets the head's share in p2 and the lookup's in p1")
+        where = "in p1 (lookup) and p2 (head)" if "embed.weight" in in_p1 else "both in p2 (lookup's scatter-add, head's matmul)"
+        print(f"  the tied embedding/head weight gets its two shares {where}")
     return 0
 
 

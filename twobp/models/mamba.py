@@ -13,15 +13,14 @@ channels, N = d_state and R = dt_rank is::
 
 Blocks (see :mod:`twobp.models.base`), tokens [b, L] -> logits [b, L, vocab_padded]::
 
-    embed   nn.Embedding                      [b, L] -> [b, L, d]
+    embed   TwoBPEmbedding                    [b, L] -> [b, L, d]
     layers  MambaBlock                        (n_layers times)
     head    rms -> TwoBPLinear(d, vocab)      tied to the embedding by default, as Mamba
 
-Every parameter of a block is owned by a twobp module, so every block gradient is deferred
-to p2: the four projections, the norm's γ, the conv's W and b, and the scan's A_log and D
-(recomputed from chunk-boundary states, :mod:`twobp.ops.scan`). Only the embedding lookup's
-gradient runs in p1 (autograd), and with a tied head that weight is half p1 (lookup), half
-p2 (head).
+Every parameter is owned by a twobp module, so every gradient of the model is deferred to
+p2: the embedding's scatter-add (and the tied head's matmul into the same weight), the four
+projections, the norms' γ, the conv's W and b, and the scan's A_log and D (recomputed from
+chunk-boundary states, :mod:`twobp.ops.scan`). p1 computes input gradients only.
 
 Init follows Mamba's reference: linear and conv weights as torch's defaults (uniform,
 bound 1/sqrt(fan_in)), out_proj scaled by 1/sqrt(n_layers); dt_proj's weight uniform with
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from ..data import synthetic_tokens
 from ..nn.causal_conv1d import TwoBPCausalConv1d
+from ..nn.embedding import TwoBPEmbedding
 from ..nn.linear import TwoBPLinear
 from ..nn.mamba_scan import TwoBPSelectiveScan
 from ..nn.norm import TwoBPRMSNorm
@@ -184,7 +184,7 @@ class Mamba(TwoBPModel):
     def __init__(self, config: MambaConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.padded_vocab, config.d_model, device=device, dtype=dtype)
+        self.embed = TwoBPEmbedding(config.padded_vocab, config.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(MambaBlock(config, device=device, dtype=dtype) for _ in range(config.n_layers))
         self.head = MambaHead(config, device=device, dtype=dtype)
         self.reset_parameters()
