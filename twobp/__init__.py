@@ -7,7 +7,8 @@ a pipeline schedule put p2 into its idle time.
 Public API:
 
 * modules: :class:`TwoBPLinear`, :class:`TwoBPEmbedding`, :class:`TwoBPLayerNorm`,
-  :class:`TwoBPRMSNorm`, :class:`TwoBPConv2d`, :class:`TwoBPAttention`; :func:`convert` swaps
+  :class:`TwoBPRMSNorm`, :class:`TwoBPConv2d`, :class:`TwoBPAttention`, and Mamba's
+  :class:`TwoBPCausalConv1d` and :class:`TwoBPSelectiveScan`; :func:`convert` swaps
   them (and Hugging Face's Conv1D and RMSNorm classes) into a model, with a
   :class:`ConversionReport`; :func:`revert` swaps them back to torch's own modules
 * :func:`split_backward`, :func:`backward_p2`: the split itself
@@ -18,8 +19,8 @@ Public API:
 
 from .backend import resolve_backend, use_backend
 from .optim import MasterWeights
-from .nn import (ConversionReport, TwoBPAttention, TwoBPConv2d, TwoBPEmbedding, TwoBPLayerNorm, TwoBPLinear,
-                 TwoBPModule, TwoBPRMSNorm, convert, label_modules, revert)
+from .nn import (ConversionReport, TwoBPAttention, TwoBPCausalConv1d, TwoBPConv2d, TwoBPEmbedding, TwoBPLayerNorm,
+                 TwoBPLinear, TwoBPModule, TwoBPRMSNorm, TwoBPSelectiveScan, convert, label_modules, revert)
 from .split import backward_p2, pending_microbatches, split_backward
 from .store import ActivationStore, LeakError, MemoryReport, default_store, memory_report
 
@@ -32,12 +33,14 @@ __all__ = [
     "MasterWeights",
     "MemoryReport",
     "TwoBPAttention",
+    "TwoBPCausalConv1d",
     "TwoBPConv2d",
     "TwoBPEmbedding",
     "TwoBPLayerNorm",
     "TwoBPLinear",
     "TwoBPModule",
     "TwoBPRMSNorm",
+    "TwoBPSelectiveScan",
     "backward_p2",
     "convert",
     "default_store",

@@ -6,10 +6,12 @@ and are built on first use, so transformers stays optional.
 
 from .attention import TwoBPAttention
 from .base import TwoBPModule, label_modules, twobp_modules
+from .causal_conv1d import TwoBPCausalConv1d
 from .conv import TwoBPConv2d
 from .convert import ConversionReport, convert, revert
 from .embedding import TwoBPEmbedding
 from .linear import TwoBPLinear
+from .mamba_scan import TwoBPSelectiveScan
 from .norm import TwoBPLayerNorm, TwoBPRMSNorm
 from .torch_attention import TorchAttention
 
@@ -17,12 +19,14 @@ __all__ = [
     "ConversionReport",
     "TorchAttention",
     "TwoBPAttention",
+    "TwoBPCausalConv1d",
     "TwoBPConv2d",
     "TwoBPEmbedding",
     "TwoBPLayerNorm",
     "TwoBPLinear",
     "TwoBPModule",
     "TwoBPRMSNorm",
+    "TwoBPSelectiveScan",
     "convert",
     "label_modules",
     "revert",
