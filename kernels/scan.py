@@ -31,6 +31,10 @@ the state at the start of each tile of the chunk from H into a per-program scrat
 backwards, recomputing each tile's states from its start state and scanning s. So every
 backward recomputes the forward twice (pass 1 and pass 2) and scans once in reverse.
 
+Transient buffers of a backward walk (freed when it returns): the scratch, [slots, cdiv(E,
+BLOCK_E), TILES_PER_CHUNK, BLOCK_E, BLOCK_N] fp32 (4 MiB per sequence at Mamba-1.4B), and in
+p1 the dB, dC partials, 2 x [cdiv(E, BLOCK_E), b, L, N] fp32 (32 MiB per sequence there).
+
 **What the split costs**: p1 and p2 each run that whole walk, so the split scan pays one extra
 backward walk (recompute and reverse scan) in p2, about the cost of p1 minus the dB / dC /
 du / dΔ epilogue. ``param_grads=True`` together with ``input_grads=True`` (the normal, unsplit
