@@ -33,9 +33,13 @@ def test_gpu_check_dry_run_writes_every_phase_in_order(tmp_path):
     with (tmp_path / "2-correctness.csv").open() as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
-    assert ops == {"linear", "layernorm", "rmsnorm", "attention", "conv2d"}, ops
+    assert ops == {"linear", "layernorm", "rmsnorm", "attention", "conv2d", "embedding", "causal_conv1d",
+                   "selective_scan"}, ops
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     assert any(r["output"].endswith("batched x2") for r in rows), "batched p2 was not checked"
+    layers = (tmp_path / "6-layers.md").read_text()
+    for block in ("llama-tiny", "bert-tiny", "mamba-tiny"):
+        assert block in layers, f"{block} missing from the per-block costs:\n{layers}"
     assert "PREDICTION" in (tmp_path / "7-prediction.md").read_text()
     summary = (tmp_path / "summary.md").read_text().splitlines()
     assert len(summary) <= 45, f"the summary is {len(summary)} lines, more than one screen"

@@ -56,7 +56,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def ODD_CASES():
     """Small odd shapes, cheap enough for the interpreter, covering every op family."""
-    from .kernels import _attention_case, _conv_case, _layer_norm_case, _linear_case, _rms_norm_case
+    from .kernels import (_attention_case, _causal_conv1d_case, _conv_case, _embedding_case, _layer_norm_case,
+                          _linear_case, _rms_norm_case, _scan_case)
 
     return [
         _linear_case("odd", 37, 53, 29),
@@ -66,6 +67,9 @@ def ODD_CASES():
         _attention_case("odd", 2, 37, 4, 2, 32, True),
         _attention_case("odd", 1, 45, 2, 2, 16, False),
         _conv_case("odd", 2, 3, 9, 5, 3, 2),
+        _embedding_case("odd", 45, 37, 29),  # repeats, the padding row, masked lanes
+        _causal_conv1d_case("odd", 2, 37, 21, 4),
+        _scan_case("odd", 2, 37, 11, 5, 16),  # L over three chunks, the last one partial
     ]
 
 
@@ -89,7 +93,8 @@ def check_ops(cases: Sequence, device: torch.device, dtypes: Sequence[torch.dtyp
 def _check_case(case, device: torch.device, dtype: torch.dtype) -> list[CheckRow]:
     gen = torch.Generator().manual_seed(1234)
     op, inputs, params = case.build(torch.device("cpu"), torch.float32, gen)
-    inputs = tuple(t.to(device, dtype) for t in inputs)
+    # floating inputs in the dtype under test; integer ones (embedding ids) as they are
+    inputs = tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs)
     # trainable, so the ops save what p2 needs; the ops themselves run outside autograd
     params = tuple(p.to(device, dtype).requires_grad_() if p is not None else None for p in params)
     with torch.no_grad():
@@ -110,19 +115,24 @@ def _check_outputs(case, op, inputs, params, dy, gen, device, dtype) -> list[Che
         _poison_allocator(device)
         op.param_grads([dy], [p2], grads)
 
-    x64 = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    x64 = [t.detach().double().cpu().requires_grad_() if t.is_floating_point() else t.cpu() for t in inputs]
     p64 = [p.detach().double().cpu().requires_grad_() if p is not None else None for p in params]
     with torch.enable_grad():
         y64 = case.torch_fn(*x64, *p64)
-        wrt = x64 + [p for p in p64 if p is not None]
+        wrt = [t for t in x64 if t.requires_grad] + [p for p in p64 if p is not None]
         g64 = torch.autograd.grad(y64, wrt, dy.double().cpu())
     tol = TOLERANCE[dtype]
     rows = [CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), "y", _rel(y, y64), tol)]
+    gi = 0
     for i, dx in enumerate(dxs):
+        if not x64[i].requires_grad:  # integer ids: no input gradient, and the op must say so
+            if dx is not None:
+                raise AssertionError(f"{case.op_name}: input {i} is integer but input_grads returned a tensor")
+            continue
         rows.append(CheckRow(case.op_name, case.shape, str(dtype).replace("torch.", ""), f"dx{i}",
-                             _rel(dx, g64[i]), tol))
+                             _rel(dx, g64[gi]), tol))
+        gi += 1
     batched = _batched_p2(op, inputs, params, dy, start, device)
-    gi = len(x64)
     for j, (g, s) in enumerate(zip(grads, start)):
         if g is None:
             continue

@@ -154,6 +154,66 @@ def _conv_case(label: str, n: int, c: int, hw: int, o: int, k: int, stride: int)
                   {"fwd": flops, "dx": flops, "dw": flops}, "TFLOP/s")
 
 
+def _embedding_case(label: str, tokens: int, vocab: int, dim: int) -> OpCase:
+    """Lookup of ``tokens`` ids (repeats and the padding row included) in a [vocab, dim] table;
+    no input gradient, the whole dW (a scatter-add of dy rows) is p2."""
+
+    def build(device, dtype, gen):
+        from ..ops.embedding import EmbeddingOp
+
+        ids = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+        return EmbeddingOp(padding_idx=1), (ids,), (_rand((vocab, dim), device, dtype, gen),)
+
+    return OpCase("embedding", f"{label} {tokens} ids in {vocab}x{dim}", build,
+                  lambda ids, w: F.embedding(ids, w, 1), {"fwd": 2.0 * tokens * dim, "dw": 2.0 * tokens * dim},
+                  "GB/s")
+
+
+def _causal_conv1d_case(label: str, b: int, length: int, channels: int, k: int) -> OpCase:
+    """Mamba's depthwise causal conv1d, channels-last [b, L, C], weight [C, 1, k], bias [C]."""
+
+    def build(device, dtype, gen):
+        from ..ops.causal_conv1d import CausalConv1dOp
+
+        x = _rand((b, length, channels), device, dtype, gen)
+        return CausalConv1dOp(), (x,), (0.5 * _rand((channels, 1, k), device, dtype, gen),
+                                        _rand((channels,), device, dtype, gen))
+
+    def torch_fn(x, w, bias):
+        return F.conv1d(x.transpose(1, 2), w, bias, padding=k - 1, groups=channels)[..., :length].transpose(1, 2)
+
+    flops = 2.0 * b * length * channels * k
+    return OpCase("causal_conv1d", f"{label} B{b} L{length} C{channels} k{k}", build, torch_fn,
+                  {"fwd": flops, "dx": flops, "dw": flops}, "TFLOP/s")
+
+
+def _scan_case(label: str, b: int, length: int, e: int, n: int, chunk: int) -> OpCase:
+    """The selective scan (Mamba S6): inputs u, Δ [b, L, E], B, C [b, L, N]; parameters A_log
+    [E, N], D [E]; states saved every ``chunk`` steps. Work: about 9 FLOPs per (t, e, n) forward."""
+
+    def build(device, dtype, gen):
+        from ..ops.scan import SelectiveScanOp
+
+        u = _rand((b, length, e), device, dtype, gen)
+        delta = F.softplus(_rand((b, length, e), device, torch.float32, gen) - 1).to(dtype)
+        B, C = _rand((b, length, n), device, dtype, gen), _rand((b, length, n), device, dtype, gen)
+        a_log = torch.log(torch.rand((e, n), generator=gen) * 3.5 + 0.5).to(device, dtype)
+        return SelectiveScanOp(chunk=chunk), (u, delta, B, C), (a_log, _rand((e,), device, dtype, gen))
+
+    def torch_fn(u, delta, B, C, a_log, D):
+        A = -torch.exp(a_log)
+        h = u.new_zeros(u.shape[0], e, n)
+        ys = []
+        for t in range(length):
+            h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+            ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
+        return torch.stack(ys, 1)
+
+    flops = 9.0 * b * length * e * n
+    return OpCase("selective_scan", f"{label} B{b} L{length} E{e} N{n} chunk{chunk}", build, torch_fn,
+                  {"fwd": flops, "dx": 2 * flops, "dw": 2 * flops}, "TFLOP/s")
+
+
 def default_cases(tokens: int, images: int) -> list[OpCase]:
     """The paper's model shapes (LLaMa-7B and BERT-Large layers, ResNet-152 convolutions) and
     the CPU pipeline benchmarks' llama/small layer (2 sequences of 256 tokens per micro-batch)."""
