@@ -3,7 +3,7 @@
 # 6 minutes of starting on an H100/H200, install and autotuning included. Phases, in order:
 # environment; correctness of every kernel in bf16/fp16/fp32 against float64; linear vs cuBLAS
 # at LLaMa-7B shapes; attention vs SDPA flash at head dim 128; norms and convs; per-block
-# F/P1/P2 of a LLaMa-7B and a BERT-Large block; the simulator's 4-stage prediction. Each phase
+# F/P1/P2 of a LLaMa-7B, a BERT-Large and a Mamba-1.4B block; the simulator's 4-stage prediction. Each phase
 # writes its files into OUT_DIR as soon as it ends, and OUT_DIR/summary.md (one screen) after
 # every phase, so a timeout still leaves data. See twobp/benchmarks/gpu_check.py.
 #

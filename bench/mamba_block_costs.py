@@ -7,7 +7,9 @@ reference), one micro-batch of one sequence:
 * one Mamba block (RMSNorm, in_proj, conv, x_proj, dt_proj, scan, out_proj, residual):
   F (split forward), P1 (input gradients), P2 (every weight gradient, ``backward_p2``) and
   B (the fused backward of a plain forward), medians of ``--reps`` timed repetitions after
-  ``--warmup`` (``twobp.benchmarks.layer_costs.measure_block``);
+  ``--warmup`` (``twobp.benchmarks.layer_costs.measure_block``); once as the model runs it
+  (the scan's p2 recomputes) and once with ``scan_dparams_in_p1`` (p1's walk also reduces
+  dA_log and dD, p2 only adds them);
 * the scan alone: forward, p1 (du, dΔ, dB, dC), p2 (dA_log, dD, recomputed from the saved
   boundary states) and the fused walk (all six at once, what the unsplit backward runs).
   **Extra compute the split pays** = p1 + p2 - fused: p2's second walk over time.
@@ -121,17 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     cfg = models.config("mamba", args.preset)
-    backend = "Triton kernels" if device.type == "cuda" else "torch reference"
+    from twobp.backend import resolve_backend
+
+    backend = {"triton": "Triton kernels", "torch": "torch reference"}[resolve_backend(device)]
+    if backend == "Triton kernels" and device.type == "cpu":
+        backend += " under the interpreter (times mean nothing)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
     print(f"mamba/{args.preset} block on {device} ({where}, {backend}), {str(dtype).replace('torch.', '')}, "
           f"1 sequence of {cfg.seq_len} tokens; {args.reps} reps after {args.warmup} warm-up", flush=True)
 
-    torch.manual_seed(0)
-    block = MambaBlock(cfg, device=device, dtype=dtype)
-    for p in block.mixer.scan.parameters():  # A_log, D in fp32, as Mamba keeps them
-        p.data = p.data.float()
-    c = measure_block(block, lambda: torch.randn(1, cfg.seq_len, cfg.d_model, device=device, dtype=dtype),
-                      device=device, reps=args.reps, warmup=args.warmup)
+    def block_costs(block_cfg):
+        torch.manual_seed(0)
+        block = MambaBlock(block_cfg, device=device, dtype=dtype)
+        for p in block.mixer.scan.parameters():  # A_log, D in fp32, as Mamba keeps them
+            p.data = p.data.float()
+        return measure_block(block, lambda: torch.randn(1, cfg.seq_len, cfg.d_model, device=device, dtype=dtype),
+                             device=device, reps=args.reps, warmup=args.warmup)
+
+    c = block_costs(cfg)
+    cp = block_costs(models.config("mamba", args.preset, scan_dparams_in_p1=True))
     s = measure_scan(cfg, device=device, dtype=dtype, reps=args.reps, warmup=args.warmup)
     extra = s["p1"] + s["p2"] - s["fused"]
     H = scan_boundary_states(cfg.seq_len, cfg.scan_chunk) * cfg.d_inner * cfg.d_state * 4
@@ -145,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "| what | F ms | P1 ms | P2 ms | fused B ms | P1 + P2 vs B |", "|---|---:|---:|---:|---:|---:|",
         f"| one block | {ms(c['F'])} | {ms(c['P1'])} | {ms(c['P2'])} | {ms(c['B'])} | "
         f"{(c['P1'] + c['P2']) / c['B']:.2f}x |",
+        f"| one block, scan dparams_in_p1 | {ms(cp['F'])} | {ms(cp['P1'])} | {ms(cp['P2'])} | {ms(cp['B'])} | "
+        f"{(cp['P1'] + cp['P2']) / cp['B']:.2f}x |",
         f"| its scan | {ms(s['fwd'])} | {ms(s['p1'])} | {ms(s['p2'])} | {ms(s['fused'])} | "
         f"{(s['p1'] + s['p2']) / s['fused']:.2f}x |", "",
         f"The scan's split pays {ms(extra)} ms more than its fused walk (p1 + p2 - fused), "
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.writer(f)
             w.writerow(["what", "F_ms", "P1_ms", "P2_ms", "B_ms"])
             w.writerow([f"mamba-{args.preset} block", *(ms(c[k]) for k in ("F", "P1", "P2", "B"))])
+            w.writerow([f"mamba-{args.preset} block dparams_in_p1", *(ms(cp[k]) for k in ("F", "P1", "P2", "B"))])
             w.writerow([f"mamba-{args.preset} scan", *(ms(s[k]) for k in ("fwd", "p1", "p2", "fused"))])
         print(f"wrote {args.out / 'mamba_block.md'} and mamba_block.csv")
     return 0

@@ -12,7 +12,7 @@ still leaves everything done so far), and ``summary.md`` rewritten after every p
 4. ``4-attention.{md,csv}``: flash attention fwd / backward against SDPA's flash backend at
    LLaMa-7B's head dim 128, causal;
 5. ``5-norms-conv.{md,csv}``: RMSNorm (7B), LayerNorm (BERT-Large), ResNet-152 convs;
-6. ``6-layers.{csv,md}``: per-block F / P1 / P2 of a LLaMa-7B and a BERT-Large block;
+6. ``6-layers.{csv,md}``: per-block F / P1 / P2 of a LLaMa-7B, a BERT-Large and a Mamba-1.4B block;
 7. ``7-prediction.md``: the simulator's prediction for 4 stages (labelled a prediction).
 
 Time: autotuning is what costs on a fresh machine (every config is compiled, then timed), so

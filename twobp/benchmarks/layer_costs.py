@@ -72,29 +72,34 @@ def measure_block(block: nn.Module, make_input: Callable[[], torch.Tensor], *, d
 
 
 def _blocks_to_measure(device: torch.device, dry_run: bool):
-    """(label, block, input maker, blocks in the model) for the paper's models."""
+    """(label, block, input maker, blocks in the model) for the paper's models: LLaMa-7B,
+    BERT-Large and Mamba-1.4B (a micro Mamba in a dry run: its scan under the interpreter
+    walks time element by element)."""
     from ..models import config
     from ..models.bert import EncoderBlock
     from ..models.llama import DecoderBlock
+    from ..models.mamba import MambaBlock
 
     dtype = torch.float32 if dry_run else torch.bfloat16
-    preset_l, preset_b = ("tiny", "tiny") if dry_run else ("7b", "large")
+    preset_l, preset_b, preset_m = ("tiny", "tiny", "tiny") if dry_run else ("7b", "large", "1.4b")
     lc, bc = config("llama", preset_l), config("bert", preset_b)
+    mc = config("mamba", preset_m, **(dict(d_model=16, d_state=4, seq_len=16, scan_chunk=16) if dry_run else {}))
     out = []
-    for label, cfg, cls in ((f"llama-{preset_l}", lc, DecoderBlock), (f"bert-{preset_b}", bc, EncoderBlock)):
+    for label, cfg, cls in ((f"llama-{preset_l}", lc, DecoderBlock), (f"bert-{preset_b}", bc, EncoderBlock),
+                            (f"mamba-{preset_m}", mc, MambaBlock)):
         block = cls(cfg, device=device, dtype=dtype)
-        seq = cfg.seq_len
+        seq, dim = cfg.seq_len, getattr(cfg, "dim", None) or cfg.d_model
 
-        def make(cfg=cfg, seq=seq):
-            return torch.randn(1, seq, cfg.dim, device=device, dtype=dtype)
+        def make(dim=dim, seq=seq):
+            return torch.randn(1, seq, dim, device=device, dtype=dtype)
 
         out.append((label, block, make, cfg.n_layers, seq))
     return out
 
 
 def measure_blocks(*, device: torch.device, dry_run: bool = False, progress=print) -> list[tuple]:
-    """[(label, seq, n_layers, BlockCosts)] of one LLaMa-7B and one BERT-Large block (tiny ones in
-    a dry run), micro-batch of one sequence."""
+    """[(label, seq, n_layers, BlockCosts)] of one LLaMa-7B, one BERT-Large and one Mamba-1.4B block
+    (tiny ones in a dry run), micro-batch of one sequence."""
     rows = []
     for label, block, make, n_layers, seq in _blocks_to_measure(device, dry_run):
         c = measure_block(block, make, device=device, reps=2 if dry_run else 5, warmup=1 if dry_run else 2)
