@@ -1,4 +1,4 @@
-"""Compile the selective-scan and causal-conv1d kernels for a GPU target without a GPU; print JSON.
+"""Compile the selective-scan, causal-conv1d and embedding-dW kernels for a GPU target without a GPU; print JSON.
 
 Run with TRITON_INTERPRET=0 (test_scan_compile.py does): every kernel at the launch
 configuration the launchers use on a GPU (d_state 16, Mamba's; ``N=64`` adds d_state 64),
@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
 import twobp.kernels.causal_conv1d as kc
+import twobp.kernels.embedding as ke
 import twobp.kernels.scan as ks
 
 _RX = {k: re.compile(p) for k, p in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
@@ -66,6 +67,12 @@ def jobs(cap: int, dt: str, states: tuple[int, ...] = (16,)):
     yield "conv_dx", kc._dx_kernel, cptrs, {**tiles, "K": 4}, kc._WARPS
     yield ("conv_dw", kc._dw_kernel, cptrs, {**tiles, "BLOCK_T": kc._DW_BLOCK_T, "K": 4, "BLOCK_K": 4, "HAS_BIAS": True},
            kc._WARPS)
+    # the embedding's p2 (a sort-based scatter-add), at Llama-7B's width (D = 4096) as the launcher picks it
+    eptrs = dict(sorted_ids_ptr="i64", run_end_ptr="i64", row_addr_ptr="i64", row_scale_ptr="fp32", dy_ptr=t,
+                 dw_ptr="fp32" if dt == "fp32" else t)
+    for scale in (False, True):
+        yield (f"embedding_dw{' scaled' if scale else ''}", ke._embedding_dw_kernel, eptrs,
+               {"HAS_SCALE": scale, "BLOCK_SIZE_R": 16, "BLOCK_SIZE_D": ke._block_d(4096)}, 4)
 
 
 def main(argv: list[str]) -> int:

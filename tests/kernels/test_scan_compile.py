@@ -1,4 +1,4 @@
-"""The selective-scan and causal-conv1d kernels compile for Hopper and Ampere without a GPU.
+"""The selective-scan, causal-conv1d and embedding-dW kernels compile for Hopper and Ampere without a GPU.
 
 A subprocess with the interpreter off compiles each kernel at the launchers' GPU configs
 (_compile_mamba_kernels.py; sm_90 in fp16 and bf16, sm_80 in bf16, d_state 16): it must
@@ -35,7 +35,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(rows):
     failed = [f"{r['kernel']} {r['target']} {r['dtype']}: {r.get('error')}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert {(r["target"], r["dtype"]) for r in rows} == {("sm_90", "fp16"), ("sm_90", "bf16"), ("sm_80", "bf16")}
-    assert len({r["kernel"] for r in rows}) == 7
+    assert len({r["kernel"] for r in rows}) == 9
 
 
 def test_16bit_compiles_spill_nothing(rows):
