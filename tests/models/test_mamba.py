@@ -137,9 +137,10 @@ def test_split_on_the_triton_kernels_matches_torch():
         assert_close(g, expected[n].double(), torch.float32, name=f"mamba.{n}.grad")
 
 
-def test_scan_keeps_only_boundary_states_until_p2():
-    """The scan's store entry holds u, Δ, B/C (x_proj's output), dy and H [b, ceil(L/chunk)-1, E, N]."""
-    model = _tiny()  # seq 64, chunk 32: one boundary state
+def test_scan_keeps_only_boundary_states_until_p2_when_p2_recomputes():
+    """scan_dparams_in_p1=False: the scan's store entry holds u, Δ, B/C (x_proj's output), dy and
+    H [b, ceil(L/chunk)-1, E, N] until p2 walks time again."""
+    model = _tiny(scan_dparams_in_p1=False)  # seq 64, chunk 32: one boundary state
     x, _ = _batch(model, 2)
     scan = model.layers[0].mixer.scan
     with twobp.split_backward(microbatch=0):
@@ -151,6 +152,27 @@ def test_scan_keeps_only_boundary_states_until_p2():
     assert set(entry.p2) == {"u", "delta", "B", "C", "H", "A_log"}
     out.sum().backward()
     twobp.backward_p2(model)
+
+
+def test_scan_keeps_only_fp32_partials_between_p1_and_p2_by_default():
+    """The default (scan_dparams_in_p1): the forward parks nothing for the scan's p2; p1's walk
+    leaves dA_log [E, N] and dD [E] partials in fp32, and p2 adds them into .grad."""
+    model = _tiny()
+    assert model.config.scan_dparams_in_p1
+    x, _ = _batch(model, 2)
+    scan = model.layers[0].mixer.scan
+    with twobp.split_backward(microbatch=0):
+        out = model(x)
+    (entry,) = twobp.default_store().entries([scan], None)
+    assert dict(entry.p2) == {}
+    out.sum().backward()
+    (entry,) = twobp.default_store().entries([scan], None)
+    c = model.config
+    assert {k: (tuple(v.shape), v.dtype) for k, v in entry.p2.items()} == {
+        "dA_log": ((c.d_inner, c.d_state), torch.float32), "dD": ((c.d_inner,), torch.float32)}
+    assert scan.A_log.grad is None and scan.D.grad is None  # deferred: nothing in .grad before p2
+    twobp.backward_p2(model)
+    assert scan.A_log.grad is not None and scan.D.grad is not None
 
 
 # ---- the modules --------------------------------------------------------------------------

@@ -84,9 +84,14 @@ class MambaConfig:
     dt_init_floor: float = 1e-4
     """Δ at init is at least this."""
     scan_chunk: int = 256
-    """Steps between the states the scan's forward saves (a multiple of 16); p2 recomputes from them."""
-    scan_dparams_in_p1: bool = False
-    """Reduce the scan's dA_log, dD in p1 (as partials) instead of recomputing the scan in p2."""
+    """Steps between the states the scan's forward saves (a multiple of 16); the backward recomputes from them."""
+    scan_dparams_in_p1: bool = True
+    """Reduce the scan's dA_log, dD in p1's walk over time (as fp32 partials, [E, N] + [E] per
+    micro-batch; p2 adds them into .grad) instead of recomputing the scan in p2. The default,
+    because p1 walks time anyway: recomputing in p2 walks it a second time (1.7-2.3x the scan's
+    fused backward in bench/mamba_block_costs.py) and keeps u, Δ, B, C and the boundary states of
+    every pending micro-batch alive until p2, for two parameters that are 0.4% of a block's
+    elements. Either way every gradient of the model reaches .grad in p2."""
 
     def __post_init__(self) -> None:
         if self.dt_rank is None:
