@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 __all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
 
-DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-2bp")
+DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-h1-2bp", "auto-2bp")
 DEFAULT_TORCH = ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble")
 TORCH_SCHEDULES = DEFAULT_TORCH
 _KINDS = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
@@ -67,6 +67,16 @@ class Contender:
     @property
     def base_schedule(self) -> str:
         return self.schedule[:-4] if self.schedule.endswith("-2bp") else self.schedule
+
+    @property
+    def schedule_name(self) -> str:
+        """The make_schedule name: ``auto-h1`` is ``auto`` under ZB-H1's memory limit."""
+        return "auto" if self.base_schedule == "auto-h1" else self.base_schedule
+
+    def memory_limit(self, stages: int) -> int | None:
+        """``auto-h1``: at most ``stages`` micro-batches held per rank from F to P2, what 1F1B
+        and ZB-H1 hold, so its peak saved activations stay at 1F1B's; None otherwise."""
+        return stages if self.base_schedule == "auto-h1" else None
 
     @property
     def label(self) -> str:
@@ -127,10 +137,11 @@ class CompareConfig:
                              f"{self.microbatches} (torch's runtime splits the batch evenly)")
         for s in self.ours:
             base = s[:-4] if s.endswith("-2bp") else s
-            if base not in SCHEDULE_NAMES:
-                raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} (add -2bp for 2BP)")
-            if base == "auto" and not s.endswith("-2bp"):
-                raise ValueError("auto places P2, so it needs 2BP: use auto-2bp")
+            if base not in (*SCHEDULE_NAMES, "auto-h1"):
+                raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} or auto-h1 (auto "
+                                 "within ZB-H1's memory); add -2bp for 2BP")
+            if base.startswith("auto") and not s.endswith("-2bp"):
+                raise ValueError(f"{base} places P2, so it needs 2BP: use {base}-2bp")
         for s in self.torch_schedules:
             if s not in TORCH_SCHEDULES:
                 raise ValueError(f"unknown torch schedule {s!r}; use one of {TORCH_SCHEDULES}")
@@ -190,9 +201,11 @@ class _OursRunner:
                  overlap: bool = False):
         from ..pipeline import PipelineExecutor, make_schedule
 
-        overlap = overlap and contender.twobp
-        self.schedule = make_schedule(contender.base_schedule, stages=world, microbatches=cfg.microbatches,
-                                      twobp=contender.twobp, costs=costs, overlap_steps=overlap)
+        # carried P2 holds its activations into the next step's forwards: not under a memory cap
+        limit = contender.memory_limit(world)
+        overlap = overlap and contender.twobp and limit is None
+        self.schedule = make_schedule(contender.schedule_name, stages=world, microbatches=cfg.microbatches,
+                                      twobp=contender.twobp, costs=costs, overlap_steps=overlap, memory_limit=limit)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=self.schedule, device=device,
                                    timeout=cfg.timeout, overlap_steps=overlap)
         self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
@@ -295,7 +308,12 @@ def _build_model(cfg: CompareConfig, modules: str):
     from ..nn import revert
 
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, cfg.preset)
+    # Untied: torch.distributed.pipelining has no way to keep an embedding tied to a head on
+    # another rank (each rank would step its own copy on its own gradient, and a rank holding
+    # both stages of a V schedule would step the shared Parameter twice), so a tied model would
+    # not be the same model under both runtimes. twobp's executor can sum tied copies; not used here.
+    overrides = {"tie_embeddings": False} if hasattr(models.config(cfg.model, cfg.preset), "tie_embeddings") else {}
+    model = models.build(cfg.model, cfg.preset, **overrides)
     return revert(model) if modules == "torch" else model
 
 
