@@ -14,6 +14,8 @@ Used by ``bench/gpu_check.sh`` on CUDA (bf16, fp16, fp32) and dry-run on CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -73,13 +75,26 @@ def ODD_CASES():
     ]
 
 
+@contextlib.contextmanager
+def _ieee_fp32():
+    """fp32 is checked as fp32: torch's TF32 switches off for the check (the kernels follow them;
+    cuDNN's is on by default, and a TF32 product is only good to about 1e-3)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def check_ops(cases: Sequence, device: torch.device, dtypes: Sequence[torch.dtype], *,
               progress=print) -> list[CheckRow]:
     rows: list[CheckRow] = []
     for case in cases:
         for dtype in dtypes:
             try:
-                new = _check_case(case, device, dtype)
+                with _ieee_fp32():
+                    new = _check_case(case, device, dtype)
             except (ImportError, NotImplementedError) as e:
                 progress(f"  {case.op_name} {case.shape} {dtype}: skipped ({e})")
                 continue

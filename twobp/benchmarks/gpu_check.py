@@ -198,13 +198,14 @@ def _tma_vs_pointer(run: _Run, device, dtype, m: int, k: int, n: int, autotune: 
 
 
 def _layers(run: _Run, device, dry_run: bool, store: dict) -> list[str]:
-    from .layer_costs import measure_blocks, write_layers
+    from .layer_costs import default_microbatch, measure_blocks, write_layers
 
-    rows = measure_blocks(device=device, dry_run=dry_run)
-    store["layers"] = rows
+    batch = default_microbatch(device)
+    rows = measure_blocks(device=device, dry_run=dry_run, batch=batch)
+    store["layers"], store["batch"] = rows, batch
     write_layers(rows, run.out / "6-layers.csv")
     lines = [f"- {label}: F {c['F'] * 1e3:.2f} ms, P1 {c['P1'] * 1e3:.2f} ms, P2 {c['P2'] * 1e3:.2f} ms, "
-             f"fused B {c['B'] * 1e3:.2f} ms per block (seq {seq})" for label, seq, _, c in rows]
+             f"fused B {c['B'] * 1e3:.2f} ms per block ({batch} x {seq} tokens)" for label, seq, _, c in rows]
     (run.out / "6-layers.md").write_text("# Per-block costs\n\n" + "\n".join(lines) + "\n")
     return lines
 
@@ -214,7 +215,7 @@ def _prediction(run: _Run, device, store: dict) -> list[str]:
 
     if "layers" not in store:
         return ["no block costs measured"]
-    text, short = prediction_markdown(store["layers"], device=device, stages=4)
+    text, short = prediction_markdown(store["layers"], device=device, stages=4, batch=store["batch"])
     (run.out / "7-prediction.md").write_text(text + "\n")
     return [f"- {s}" for s in short]
 

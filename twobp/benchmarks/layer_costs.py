@@ -26,7 +26,7 @@ from torch import nn
 
 from ..split import backward_p2, split_backward
 
-__all__ = ["BlockCosts", "measure_block", "measure_blocks", "prediction_markdown", "predict_pipeline_gain", "write_layers"]
+__all__ = ["BlockCosts", "GPU_MICROBATCH", "default_microbatch", "measure_block", "measure_blocks", "prediction_markdown", "predict_pipeline_gain", "write_layers"]
 
 
 class BlockCosts(dict):
@@ -71,7 +71,14 @@ def measure_block(block: nn.Module, make_input: Callable[[], torch.Tensor], *, d
     return BlockCosts({k: statistics.median(v) for k, v in times.items()})
 
 
-def _blocks_to_measure(device: torch.device, dry_run: bool):
+GPU_MICROBATCH = 8
+"""Sequences per micro-batch when blocks are timed on a GPU. With one 1024-token sequence an H200
+spent 76-97% of a LLaMa-7B or BERT-Large block's wall time on the host (launches, Python), so
+its costs measured the host, not the split; eight put LLaMa-7B's kernels at 82-88% of the wall
+(bench/results/h200-2026-12-04/README.md)."""
+
+
+def _blocks_to_measure(device: torch.device, dry_run: bool, batch: int = 1):
     """(label, block, input maker, blocks in the model) for the paper's models: LLaMa-7B,
     BERT-Large and Mamba-1.4B (a micro Mamba in a dry run: its scan under the interpreter
     walks time element by element)."""
@@ -91,17 +98,24 @@ def _blocks_to_measure(device: torch.device, dry_run: bool):
         seq, dim = cfg.seq_len, getattr(cfg, "dim", None) or cfg.d_model
 
         def make(dim=dim, seq=seq):
-            return torch.randn(1, seq, dim, device=device, dtype=dtype)
+            return torch.randn(batch, seq, dim, device=device, dtype=dtype)
 
         out.append((label, block, make, cfg.n_layers, seq))
     return out
 
 
-def measure_blocks(*, device: torch.device, dry_run: bool = False, progress=print) -> list[tuple]:
+def default_microbatch(device: torch.device) -> int:
+    """Sequences per timed micro-batch: GPU_MICROBATCH on a GPU, one elsewhere."""
+    return GPU_MICROBATCH if device.type == "cuda" else 1
+
+
+def measure_blocks(*, device: torch.device, dry_run: bool = False, batch: int | None = None,
+                   progress=print) -> list[tuple]:
     """[(label, seq, n_layers, BlockCosts)] of one LLaMa-7B, one BERT-Large and one Mamba-1.4B block
-    (tiny ones in a dry run), micro-batch of one sequence."""
+    (tiny ones in a dry run), micro-batch of ``batch`` sequences (default_microbatch)."""
+    batch = default_microbatch(device) if batch is None else batch
     rows = []
-    for label, block, make, n_layers, seq in _blocks_to_measure(device, dry_run):
+    for label, block, make, n_layers, seq in _blocks_to_measure(device, dry_run, batch):
         c = measure_block(block, make, device=device, reps=2 if dry_run else 5, warmup=1 if dry_run else 2)
         progress(f"  {label}: F {c['F'] * 1e3:.2f} ms, P1 {c['P1'] * 1e3:.2f} ms, P2 {c['P2'] * 1e3:.2f} ms, "
                  f"fused B {c['B'] * 1e3:.2f} ms")
@@ -118,13 +132,14 @@ def write_layers(rows: list[tuple], path: Path) -> None:
             w.writerow([label, seq, *(f"{c[k] * 1e3:.4f}" for k in ("F", "P1", "P2", "B"))])
 
 
-def prediction_markdown(rows: list[tuple], *, device: torch.device, stages: int = 4) -> tuple[str, list[str]]:
+def prediction_markdown(rows: list[tuple], *, device: torch.device, stages: int = 4,
+                        batch: int = 1) -> tuple[str, list[str]]:
     """The simulator's prediction for ``stages`` stages from measured block costs: (markdown,
     one summary line per model)."""
     from ..pipeline import make_schedule, simulate
 
     lines = ["## Per-layer costs and the predicted pipeline gain (PREDICTION, not a multi-GPU measurement)", "",
-             f"One block per model, micro-batch of 1 sequence, timed on {device}; a stage holds "
+             f"One block per model, micro-batch of {batch} sequence{'s' if batch > 1 else ''}, timed on {device}; a stage holds "
              f"n_layers/{stages} blocks; the simulator runs each schedule on those costs with free "
              "communication. Gain = predicted throughput / plain 1F1B's.", ""]
     short = []
@@ -155,8 +170,9 @@ def prediction_markdown(rows: list[tuple], *, device: torch.device, stages: int 
 
 def predict_pipeline_gain(*, device: torch.device, out: Path, dry_run: bool = False, stages: int = 4) -> str:
     """Measure block costs, write layers.csv and prediction.md, return the markdown."""
-    rows = measure_blocks(device=device, dry_run=dry_run)
+    batch = default_microbatch(device)
+    rows = measure_blocks(device=device, dry_run=dry_run, batch=batch)
     write_layers(rows, out / "layers.csv")
-    text, _ = prediction_markdown(rows, device=device, stages=stages)
+    text, _ = prediction_markdown(rows, device=device, stages=stages, batch=batch)
     (out / "prediction.md").write_text(text + "\n")
     return text
