@@ -37,6 +37,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from .backend import forced_backend, pinned_backend
 from .ops.base import SplitOp
 from .split import _SplitState, current_split
 from .store import Entry, EntryState
@@ -71,6 +72,7 @@ class _SplitFunction(torch.autograd.Function):
         ctx.n_in, ctx.n_params = n_inputs, len(params)
         ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
         ctx.entry = None
+        ctx.backend = forced_backend()  # backward may run on another thread (CUDA): keep the choice
         if split is not None:
             ctx.entry = split.store.open(owner=owner, label=label, microbatch=split.microbatch, op=op,
                                          params=real_params, param_mask=p_needs, p2=p2)
@@ -83,6 +85,11 @@ class _SplitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
+        with pinned_backend(ctx.backend):
+            return _SplitFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy: Tensor):
         op: SplitOp = ctx.op
         entry: Entry | None = ctx.entry
         n1, n2 = len(ctx.p1_keys), len(ctx.p2_keys)

@@ -20,7 +20,7 @@ from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["Backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available", "reload_environment"]
+__all__ = ["Backend", "forced_backend", "pinned_backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available", "reload_environment"]
 
 Backend = Literal["torch", "triton"]
 _VALID = ("torch", "triton")
@@ -63,6 +63,23 @@ def use_backend(name: Backend) -> Iterator[None]:
         yield
     finally:
         _local.forced = prev
+
+
+def forced_backend() -> Backend | None:
+    """The backend :func:`use_backend` forces on this thread, if any."""
+    return getattr(_local, "forced", None)
+
+
+@contextlib.contextmanager
+def pinned_backend(name: Backend | None) -> Iterator[None]:
+    """:func:`use_backend` when ``name`` is set; nothing otherwise. The autograd engine runs a
+    CUDA graph's backward on its own device thread, where the forward's (per-thread)
+    ``use_backend`` is not in force: split ops pin the forward's choice around their backward."""
+    if name is None:
+        yield
+        return
+    with use_backend(name):
+        yield
 
 
 def resolve_backend(device: torch.device) -> Backend:
