@@ -72,7 +72,7 @@ def jobs(cap: int, dt: str, states: tuple[int, ...] = (16,)):
                  dw_ptr="fp32" if dt == "fp32" else t)
     for scale in (False, True):
         yield (f"embedding_dw{' scaled' if scale else ''}", ke._embedding_dw_kernel, eptrs,
-               {"HAS_SCALE": scale, "BLOCK_SIZE_R": 16, "BLOCK_SIZE_D": ke._block_d(4096)}, 4)
+               {"HAS_SCALE": scale, "BLOCK_SIZE_R": ke._BLOCK_R, "BLOCK_SIZE_D": ke._block_d(4096)}, 4)
 
 
 def main(argv: list[str]) -> int:
