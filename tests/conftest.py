@@ -7,6 +7,14 @@ pay for the interpreter.
 """
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the repository root on sys.path, where kernels/ (installed as
+# twobp.kernels) shadows Hugging Face's `kernels` package, which transformers >= 5.25 imports
+# when it is installed (it depends on it): every transformers import then fails.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TWOBP_BACKEND", "torch")
