@@ -44,10 +44,13 @@ import torch.distributed as dist
 
 __all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
 
-DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-h1-2bp", "auto-2bp")
+DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-h1-2bp", "auto-2bp", "auto-x2h1-2bp", "auto-x2-2bp")
 DEFAULT_TORCH = ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble")
 TORCH_SCHEDULES = DEFAULT_TORCH
 _KINDS = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
+_AUTO_VARIANTS = ("auto", "auto-h1", "auto-x2", "auto-x2h1")
+"""``auto`` placements the comparison runs: free, within ZB-H1's memory (h1), over two chunks
+per rank (x2), and both (x2h1)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,21 @@ class Contender:
 
     @property
     def schedule_name(self) -> str:
-        """The make_schedule name: ``auto-h1`` is ``auto`` under ZB-H1's memory limit."""
-        return "auto" if self.base_schedule == "auto-h1" else self.base_schedule
+        """The make_schedule name: ``auto-h1``, ``auto-x2`` and ``auto-x2h1`` are ``auto``."""
+        return "auto" if self.base_schedule in _AUTO_VARIANTS else self.base_schedule
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per rank: two for ``interleaved-1f1b`` and ``auto-x2``/``auto-x2h1``
+        (looped, like torch's interleaved schedules), one otherwise."""
+        return 2 if self.base_schedule in ("interleaved-1f1b", "auto-x2", "auto-x2h1") else 1
 
     def memory_limit(self, stages: int) -> int | None:
         """``auto-h1``: at most ``stages`` micro-batches held per rank from F to P2, what 1F1B
-        and ZB-H1 hold, so its peak saved activations stay at 1F1B's; None otherwise."""
-        return stages if self.base_schedule == "auto-h1" else None
+        and ZB-H1 hold, so its peak saved activations stay at 1F1B's; ``auto-x2h1``: the same
+        bytes if the chunks were of equal size (``2 * stages`` chunk micro-batches; a last chunk
+        holding the head's logits is heavier); None otherwise."""
+        return {"auto-h1": stages, "auto-x2h1": 2 * stages}.get(self.base_schedule)
 
     @property
     def label(self) -> str:
@@ -137,9 +148,10 @@ class CompareConfig:
                              f"{self.microbatches} (torch's runtime splits the batch evenly)")
         for s in self.ours:
             base = s[:-4] if s.endswith("-2bp") else s
-            if base not in (*SCHEDULE_NAMES, "auto-h1"):
+            if base not in (*SCHEDULE_NAMES, *_AUTO_VARIANTS):
                 raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} or auto-h1 (auto "
-                                 "within ZB-H1's memory); add -2bp for 2BP")
+                                 "within ZB-H1's memory), auto-x2 (over two chunks per rank), auto-x2h1 (both); "
+                                 "add -2bp for 2BP")
             if base.startswith("auto") and not s.endswith("-2bp"):
                 raise ValueError(f"{base} places P2, so it needs 2BP: use {base}-2bp")
         for s in self.torch_schedules:
@@ -205,7 +217,8 @@ class _OursRunner:
         limit = contender.memory_limit(world)
         overlap = overlap and contender.twobp and limit is None
         self.schedule = make_schedule(contender.schedule_name, stages=world, microbatches=cfg.microbatches,
-                                      twobp=contender.twobp, costs=costs, overlap_steps=overlap, memory_limit=limit)
+                                      twobp=contender.twobp, chunks=contender.chunks, costs=costs,
+                                      overlap_steps=overlap, memory_limit=limit)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=self.schedule, device=device,
                                    timeout=cfg.timeout, overlap_steps=overlap)
         self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
@@ -361,20 +374,24 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
 
     # auto places P2 by measured per-stage costs, and carried P2 is sized by them: measure
     # them first, on a throw-away 1F1B + 2BP run (its second step; the first warms up)
-    costs = None
-    if any(c.twobp for c in contenders):
-        probe = Contender("twobp", "1f1b-2bp", "twobp")
+    # (per virtual stage: two-chunk contenders get theirs from an interleaved probe)
+    def probe_costs(schedule: str):
+        probe = Contender("twobp", schedule, "twobp")
         build(probe)
-        if probe in runners:
-            x, y = batch(0)
-            runners[probe].step(x, y, _Timer())
-            runners[probe].step(*batch(1), _Timer(), measure=True)
-            costs = runners[probe].last.costs
-            runners.pop(probe).ex.flush()
-        else:
-            raise RuntimeError(f"the cost probe failed: {errors[probe]}")
+        if probe not in runners:
+            raise RuntimeError(f"the cost probe ({schedule}) failed: {errors.pop(probe)}")
+        runners[probe].step(*batch(0), _Timer())
+        runners[probe].step(*batch(1), _Timer(), measure=True)
+        got = runners[probe].last.costs
+        runners.pop(probe).ex.flush()  # a contender of the same name is built afresh below
+        return got
+
+    costs = {}
+    for chunks, schedule in ((1, "1f1b-2bp"), (2, "interleaved-1f1b-2bp")):
+        if any(c.twobp and c.chunks == chunks for c in contenders):
+            costs[chunks] = probe_costs(schedule)
     for c in contenders:
-        build(c, costs if c.twobp else None)
+        build(c, costs.get(c.chunks) if c.twobp else None)
     for _ in range(cfg.warmup):
         for c in list(runners):
             run(c, _Timer())
@@ -424,7 +441,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         bd["other"] = max(0.0, bd["wall"] - sum(bd[k] for k in _KINDS if k != "other"))
         carry = list(runners[c].schedule.carry) if isinstance(runners[c], _OursRunner) else []
         out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry,
-                            costs=costs if c.twobp else None, profile=profiles.get(c))
+                            costs=costs.get(c.chunks) if c.twobp else None, profile=profiles.get(c))
     return out
 
 
