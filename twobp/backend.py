@@ -20,7 +20,8 @@ from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["Backend", "forced_backend", "pinned_backend", "resolve_backend", "gemm_backend", "use_backend", "triton_available", "reload_environment"]
+__all__ = ["Backend", "forced_backend", "pinned_backend", "resolve_backend", "gemm_backend", "use_backend",
+           "triton_available", "reload_environment"]
 
 Backend = Literal["torch", "triton"]
 _VALID = ("torch", "triton")
