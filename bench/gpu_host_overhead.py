@@ -13,25 +13,10 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def _wall(fn, device, reps=10):
-    ts = []
-    for _ in range(reps + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts[3:]) * 1e3
 
 
 def main(argv=None) -> int:
@@ -42,6 +27,7 @@ def main(argv=None) -> int:
     import twobp
     from twobp import backward_p2, split_backward
     from twobp.models import config
+    from twobp.benchmarks.timing import median_seconds
     from twobp.models.bert import EncoderBlock
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -68,11 +54,11 @@ def main(argv=None) -> int:
 
     backend = "torch" if args.dry_run else "triton"
     with twobp.use_backend(backend):
-        rows = [("torch nn.TransformerEncoderLayer F+B", _wall(plain(ref), device)),
-                (f"twobp EncoderBlock ({backend}) F+B", _wall(plain(ours), device)),
-                (f"twobp EncoderBlock ({backend}) F+P1+P2", _wall(split, device))]
-        for name, ms in rows:
-            lines.append(f"- {name}: {ms:.3f} ms wall")
+        rows = [("torch nn.TransformerEncoderLayer F+B", median_seconds(plain(ref), device=device)),
+                (f"twobp EncoderBlock ({backend}) F+B", median_seconds(plain(ours), device=device)),
+                (f"twobp EncoderBlock ({backend}) F+P1+P2", median_seconds(split, device=device))]
+        for name, sec in rows:
+            lines.append(f"- {name}: {sec * 1e3:.3f} ms wall")
             print(lines[-1], flush=True)
         for name, fn in (("plain", plain(ours)), ("split", split)):
             pr = cProfile.Profile()

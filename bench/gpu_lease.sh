@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
   > "$work/0-smi.txt" 2>&1
 GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-300} bash bench/gpu_check.sh "${dry[@]}" "$work" > "$work/run.log" 2>&1
 echo "gpu_check exit $?" >> "$work/run.log"
-TWOBP_SKIP_INSTALL=1 timeout 150 "$PY" bench/gpu_profile_blocks.py "${dry[@]}" --batch 8 --reps 3 \
+timeout 150 "$PY" bench/gpu_profile_blocks.py "${dry[@]}" --batch 8 --reps 3 \
   --out "$work/profile-b8" 2>&1 | grep -v -e USDT -e _warn_once > "$work/profile-b8.log"
 timeout 90 "$PY" bench/gpu_host_overhead.py "${dry[@]}" --out "$work" > "$work/host.log" 2>&1
 tar czf "$out/gpu.tgz" -C "$work" .

@@ -22,11 +22,6 @@ from pathlib import Path
 import torch
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _phases(block, make, mb):
     """The five phases of one micro-batch as closures run in order: split F, P1, P2; plain F, B."""
     from twobp import backward_p2, split_backward
@@ -64,6 +59,8 @@ def _kernel_us(prof) -> tuple[float, int]:
 def profile_block(label, block, make, device, reps: int, out: Path | None) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
+    from twobp.benchmarks.layer_costs import _sync
+
     walls: dict[str, list[float]] = {}
     for i in range(reps + 2):
         for name, fn in _phases(block, make, i):
@@ -99,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.batch < 1:
+        ap.error(f"--reps and --batch must be >= 1, got --reps {args.reps} --batch {args.batch}")
     import twobp
     from twobp.benchmarks.layer_costs import _blocks_to_measure
 
@@ -109,14 +108,13 @@ def main(argv=None) -> int:
     rows = []
     for backend in backends:
         with twobp.use_backend(backend):
-            for label, block, make, _, seq in _blocks_to_measure(device, args.dry_run, args.batch)[:2]:
+            for label, block, make, _, _ in _blocks_to_measure(device, args.dry_run, args.batch)[:2]:
                 label = f"{label}-b{args.batch}"
                 r = profile_block(f"{label}-{backend}", block, make, device, 2 if args.dry_run else args.reps, args.out)
                 for x in r:
                     print(f"{x['block']:24s} {x['phase']:8s} wall {x['wall_ms']:8.3f} ms  kernels {x['kernel_ms']:8.3f} ms"
                           f"  ({x['kernels']} launches, host-bound {x['host_bound_share']:.0%})", flush=True)
                 rows += r
-                del block
     if args.out:
         with (args.out / "blocks.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..split import backward_p2, split_backward
 
-__all__ = ["BlockCosts", "GPU_MICROBATCH", "default_microbatch", "measure_block", "measure_blocks", "prediction_markdown", "predict_pipeline_gain", "write_layers"]
+__all__ = ["BlockCosts", "GPU_MICROBATCH", "default_microbatch", "measure_block", "measure_blocks",
+           "prediction_markdown", "predict_pipeline_gain", "write_layers"]
 
 
 class BlockCosts(dict):
@@ -74,7 +75,7 @@ def measure_block(block: nn.Module, make_input: Callable[[], torch.Tensor], *, d
 GPU_MICROBATCH = 8
 """Sequences per micro-batch when blocks are timed on a GPU. With one 1024-token sequence an H200
 spent 76-97% of a LLaMa-7B or BERT-Large block's wall time on the host (launches, Python), so
-its costs measured the host, not the split; eight put LLaMa-7B's kernels at 82-88% of the wall
+its costs measured the host, not the split; eight put LLaMa-7B's kernels at 81-88% of the wall
 (bench/results/h200-2026-12-04/README.md)."""
 
 
@@ -139,7 +140,8 @@ def prediction_markdown(rows: list[tuple], *, device: torch.device, stages: int 
     from ..pipeline import make_schedule, simulate
 
     lines = ["## Per-layer costs and the predicted pipeline gain (PREDICTION, not a multi-GPU measurement)", "",
-             f"One block per model, micro-batch of {batch} sequence{'s' if batch > 1 else ''}, timed on {device}; a stage holds "
+             f"One block per model, micro-batch of {batch} sequence{'s' if batch > 1 else ''}, timed on {device}; "
+             "a stage holds "
              f"n_layers/{stages} blocks; the simulator runs each schedule on those costs with free "
              "communication. Gain = predicted throughput / plain 1F1B's.", ""]
     short = []
