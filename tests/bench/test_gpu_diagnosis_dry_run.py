@@ -41,6 +41,16 @@ def test_gpu_host_overhead_dry_run_compares_with_torchs_layer_and_profiles(tmp_p
     assert text.count("## cProfile") == 2 and "function calls" in text
 
 
+@pytest.mark.timeout(300)
+def test_gpu_graphs_dry_run_times_all_three_modes_of_both_blocks(tmp_path):
+    _run("gpu_graphs.py", tmp_path)
+    rows = [r for r in (tmp_path / "graphs.md").read_text().splitlines() if r.startswith("| ") and "ms" not in r]
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]
+    assert {(c[0], c[1]) for c in cells} == {(f"{b}-b{n}", m) for b in ("llama-tiny", "bert-tiny") for n in (1, 8)
+                                             for m in ("twobp plain", "twobp split (2BP)", "torch modules")}
+    assert all(float(c[2]) > 0 for c in cells), cells
+
+
 def test_block_costs_use_the_micro_batch_asked_for():
     from twobp.benchmarks.layer_costs import GPU_MICROBATCH, _blocks_to_measure, default_microbatch
 
