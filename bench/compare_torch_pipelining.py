@@ -168,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-with-twobp-modules", action="store_true",
                    help="also run torch's Schedule1F1B on the twobp modules (the runtimes alone compared)")
     p.add_argument("--no-overlap-steps", action="store_true", help="twobp: never carry P2 into the next step")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc as it is on every rank (default: every rank, both runtimes, keeps freed "
+                        "memory in the process, twobp.keep_freed_host_memory, so held activations are not "
+                        "page-faulted back)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (all contenders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a silent peer")
@@ -206,7 +210,8 @@ def main(argv=None) -> int:
                     ours=tuple(s for s in args.ours.split(",") if s),
                     torch_schedules=tuple(s for s in args.torch.split(",") if s),
                     torch_with_twobp_modules=args.torch_with_twobp_modules,
-                    overlap_steps=not args.no_overlap_steps, profile=args.profile is not None))
+                    overlap_steps=not args.no_overlap_steps, profile=args.profile is not None,
+                    keep_freed_memory=not args.malloc_default))
             except ValueError as e:
                 raise SystemExit(f"compare_torch_pipelining: {e}") from None
     import torch
@@ -270,6 +275,9 @@ def main(argv=None) -> int:
         f"after {args.warmup} warm-up, order rotated per round); step = rank 0's wall time between barriers "
         "around schedule + optimizer step; ratios are medians of per-round ratios. Memory: peak bytes of "
         "saved activations per rank (autograd's saved tensors + the twobp store, storages once), one extra step.",
+        "- host allocator, every rank and contender: " + ("glibc's default (`--malloc-default`)" if args.malloc_default
+                                                          else "freed memory kept in the process "
+                                                               "(`twobp.keep_freed_host_memory`)"),
         f"- whole run: {time.perf_counter() - t_all:.0f} s",
         "",
         "## Summary",

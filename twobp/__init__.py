@@ -15,9 +15,12 @@ Public API:
 * :func:`memory_report`, :func:`default_store`, :class:`ActivationStore`, :class:`LeakError`
 * :func:`use_backend`: force the Triton kernels or the torch reference
 * :class:`MasterWeights`: bf16/fp16 parameters with fp32 master weights and optimizer state
+* :func:`keep_freed_host_memory`: stop glibc's malloc from page-faulting CPU activations back
+  (the pipeline executor calls it on CPU)
 """
 
 from .backend import resolve_backend, use_backend
+from .host_memory import keep_freed_host_memory
 from .optim import MasterWeights
 from .nn import (ConversionReport, TwoBPAttention, TwoBPCausalConv1d, TwoBPConv2d, TwoBPEmbedding, TwoBPLayerNorm,
                  TwoBPLinear, TwoBPModule, TwoBPRMSNorm, TwoBPSelectiveScan, convert, label_modules, revert)
@@ -44,6 +47,7 @@ __all__ = [
     "backward_p2",
     "convert",
     "default_store",
+    "keep_freed_host_memory",
     "label_modules",
     "memory_report",
     "pending_microbatches",

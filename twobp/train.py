@@ -362,12 +362,18 @@ class _Run:
 
 
 def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
-    """Per-stage F / P1 / P2 costs, measured on a throw-away 1F1B + 2BP run (its second step)."""
+    """Per-stage F / P1 / P2 costs, measured on a throw-away 1F1B + 2BP run: the median over
+    PROBE_STEPS steps after a warm-up one."""
+    from .pipeline.costs import PROBE_STEPS, median_costs
+
     probe = _Run(cfg, Variant("1f1b", True), mesh, device, None)
-    for k in range(2):
+    measured = []
+    for k in range(1 + PROBE_STEPS):
         x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
-        probe.step(x.to(device), y.to(device), measure=k == 1)
-    costs = probe.last.costs
+        probe.step(x.to(device), y.to(device), measure=k > 0)
+        if k > 0:
+            measured.append(probe.last.costs)
+    costs = median_costs(measured)
     probe.ex.flush()
     del probe
     return costs

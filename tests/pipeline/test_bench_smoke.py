@@ -54,3 +54,4 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     assert peak["auto-x2h1"] <= torch_zb, (peak, torch_zb)
     text = out.read_text()
     assert "## Summary" in text and "Where the time goes" in text and "machine:" in text
+    assert "host allocator, every rank and contender: freed memory kept in the process" in text

@@ -168,3 +168,17 @@ def test_1f1b_2bp_fills_the_cool_down_waits_and_reaches_the_analytic_ceiling():
     plain = simulate(make_schedule("1f1b", stages=2, microbatches=4, twobp=False))
     split = simulate(make_schedule("1f1b", stages=2, microbatches=4, twobp=True))
     assert plain.makespan / split.makespan == pytest.approx(15 / 13)
+
+
+def test_median_costs_takes_the_median_per_kind_and_stage_across_steps():
+    from twobp.pipeline import median_costs
+
+    steps = [{"F": [1.0, 2.0], "P1": [1.0, 1.0], "P2": [0.5, 0.5], "comm": 0.1},
+             {"F": [1.5, 9.0], "P1": [3.0, 1.2], "P2": [0.7, 0.4], "comm": 0.3},   # one noisy step
+             {"F": [1.2, 2.2], "P1": [1.1, 0.9], "P2": [0.6, 0.6], "comm": 0.2, "B": [2.0, 2.0]}]
+    got = median_costs(steps)
+    assert got == {"F": [1.2, 2.2], "P1": [1.1, 1.0], "P2": [0.6, 0.5], "comm": 0.2}  # B: not in every step
+    with pytest.raises(ValueError, match="at least one"):
+        median_costs([])
+    with pytest.raises(ValueError, match="number of stages"):
+        median_costs([{"F": [1.0]}, {"F": [1.0, 2.0]}])

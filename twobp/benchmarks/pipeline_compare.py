@@ -4,7 +4,8 @@ Contenders (:class:`Contender`):
 
 * **twobp**: :class:`~twobp.pipeline.PipelineExecutor` on the model's twobp modules, with
   any :func:`~twobp.pipeline.make_schedule` name, with or without 2BP. ``auto`` places
-  its P2 by the F / P1 / P2 costs measured in a warm-up step of ``1f1b`` with 2BP.
+  its P2 by the F / P1 / P2 costs measured in warm-up steps of ``1f1b`` with 2BP (median of
+  ``PROBE_STEPS``).
 * **torch**: ``torch.distributed.pipelining`` on the *same model with torch's own modules*
   (:func:`twobp.revert`: nn.Linear, nn.RMSNorm / nn.LayerNorm, SDPA attention, nn.Conv2d,
   the same Parameters): what a torch user would run instead. ``Schedule1F1B`` (one stage
@@ -27,6 +28,10 @@ action kind (F, B = fused backward or torch's input-gradient step I, P1, P2 or t
 ``optim`` (optimizer step) and ``other`` = wall − all of those (the runtime's own Python,
 barriers, allocation).
 
+**Host allocator**: each rank keeps freed memory in the process before any contender is built
+(:func:`twobp.keep_freed_host_memory`, which twobp's executor applies on CPU anyway), so every
+contender runs on the same malloc; ``keep_freed_memory=False`` runs them all on glibc's default.
+
 **Memory**, the same measure for both runtimes: peak bytes of saved activations per rank
 (:class:`~twobp.benchmarks.saved_memory.SavedActivationMeter`: what autograd saves plus
 what the twobp store holds, storages counted once), in one extra untimed step.
@@ -34,6 +39,7 @@ what the twobp store holds, storages counted once), in one extra untimed step.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,6 +47,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..host_memory import ENV_SWITCH
+from ..pipeline.costs import PROBE_STEPS, median_costs
 
 __all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
 
@@ -135,6 +144,10 @@ class CompareConfig:
     overlap_steps: bool = True
     """twobp's 2BP schedules carry trailing P2 into the next step where the measured costs
     say it helps (``PipelineExecutor(overlap_steps=True)``)."""
+    keep_freed_memory: bool = True
+    """Every rank, hence both runtimes alike, keeps freed host memory in the process
+    (:func:`twobp.keep_freed_host_memory`) instead of glibc's default of page-faulting it back;
+    False leaves glibc's malloc as it is for all contenders."""
 
     def __post_init__(self) -> None:
         from ..pipeline import SCHEDULE_NAMES
@@ -336,6 +349,12 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     from .saved_memory import SavedActivationMeter
 
     torch.set_num_threads(cfg.threads)
+    # The same allocator for every contender, set before anything is built (the executor
+    # would set it on its own; the switch keeps it from doing so when the run asks for glibc's).
+    if cfg.keep_freed_memory:
+        twobp.keep_freed_host_memory()
+    else:
+        os.environ[ENV_SWITCH] = "0"
     device = torch.device("cpu")
     contenders = cfg.contenders()
     data = batch_source(cfg.model, _build_model(cfg, "twobp"))
@@ -373,7 +392,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         return wall
 
     # auto places P2 by measured per-stage costs, and carried P2 is sized by them: measure
-    # them first, on a throw-away 1F1B + 2BP run (its second step; the first warms up)
+    # them first, on a throw-away 1F1B + 2BP run (median of PROBE_STEPS steps after a warm-up)
     # (per virtual stage: two-chunk contenders get theirs from an interleaved probe)
     def probe_costs(schedule: str):
         probe = Contender("twobp", schedule, "twobp")
@@ -381,10 +400,12 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         if probe not in runners:
             raise RuntimeError(f"the cost probe ({schedule}) failed: {errors.pop(probe)}")
         runners[probe].step(*batch(0), _Timer())
-        runners[probe].step(*batch(1), _Timer(), measure=True)
-        got = runners[probe].last.costs
+        measured = []
+        for k in range(PROBE_STEPS):
+            runners[probe].step(*batch(1 + k), _Timer(), measure=True)
+            measured.append(runners[probe].last.costs)
         runners.pop(probe).ex.flush()  # a contender of the same name is built afresh below
-        return got
+        return median_costs(measured)
 
     costs = {}
     for chunks, schedule in ((1, "1f1b-2bp"), (2, "interleaved-1f1b-2bp")):

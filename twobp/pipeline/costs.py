@@ -16,10 +16,11 @@ stage ``0 .. S-1``. Units are free; the timeline treats them as seconds. A plain
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, fields
 from typing import Mapping, Sequence, Union
 
-__all__ = ["Costs", "MemorySizes", "as_costs", "UNIT_COSTS"]
+__all__ = ["Costs", "MemorySizes", "as_costs", "median_costs", "PROBE_STEPS", "UNIT_COSTS"]
 
 Number = Union[int, float]
 PerStage = Union[Number, Sequence[Number]]
@@ -110,6 +111,32 @@ class Costs:
 
 UNIT_COSTS = Costs(F=1.0, P1=1.0, P2=1.0)
 """T_F = T_P1 = T_P2 = 1, no communication: the textbook setting (B = 2)."""
+
+
+PROBE_STEPS = 3
+"""Measured steps a cost probe takes :func:`median_costs` over (after one warm-up step)."""
+
+
+def median_costs(measured: Sequence[Mapping]) -> dict:
+    """Element-wise median of several steps' measured costs (the executor's ``costs`` mapping
+    form): per kind and stage, the median over steps. One step's per-stage medians can be off by
+    half on a busy CPU (a first step's page faults, a neighbour's burst); ``auto`` places by
+    these figures, so probes measure several steps and take this. Kinds missing from any step
+    are left out."""
+    if not measured:
+        raise ValueError("median_costs needs at least one step's costs")
+    out: dict = {}
+    for kind in measured[0]:
+        vals = [m[kind] for m in measured if kind in m]
+        if len(vals) < len(measured):
+            continue
+        if isinstance(vals[0], (list, tuple)):
+            if len({len(v) for v in vals}) != 1:
+                raise ValueError(f"median_costs: steps disagree on the number of stages for {kind}")
+            out[kind] = [statistics.median(col) for col in zip(*vals)]
+        else:
+            out[kind] = statistics.median(vals)
+    return out
 
 
 def as_costs(costs: Costs | Mapping | None) -> Costs:

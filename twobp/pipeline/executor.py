@@ -40,6 +40,7 @@ from .comm import P2P
 from .deferral import warn_if_nothing_deferred
 from .comm import one_way_channels as _one_way_channels
 from .lowering import comm_peer, lower_comm, message_key
+from ..host_memory import keep_freed_host_memory
 from ..store import ActivationStore
 from .overlap import split_tail
 from .grad_sync import GradSync
@@ -189,6 +190,8 @@ class PipelineExecutor:
             device = (torch.device("cuda", torch.cuda.current_device())
                       if dist.get_backend(group) == "nccl" else torch.device("cpu"))
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # else every held activation is page-faulted back in (host_memory)
         self.loss_fn = loss_fn
         self.timeout = timeout
         p, v = schedule.stages, schedule.chunks
