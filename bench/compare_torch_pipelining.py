@@ -168,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-with-twobp-modules", action="store_true",
                    help="also run torch's Schedule1F1B on the twobp modules (the runtimes alone compared)")
     p.add_argument("--no-overlap-steps", action="store_true", help="twobp: never carry P2 into the next step")
+    p.add_argument("--cut", choices=("balanced", "equal"), default="balanced",
+                   help="stage cut, the same for both runtimes: balanced by each block's measured forward + backward "
+                        "time (default), or equal block counts")
     p.add_argument("--malloc-default", action="store_true",
                    help="leave glibc's malloc as it is on every rank (default: every rank, both runtimes, keeps freed "
                         "memory in the process, twobp.keep_freed_host_memory, so held activations are not "
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
                     torch_schedules=tuple(s for s in args.torch.split(",") if s),
                     torch_with_twobp_modules=args.torch_with_twobp_modules,
                     overlap_steps=not args.no_overlap_steps, profile=args.profile is not None,
-                    keep_freed_memory=not args.malloc_default))
+                    keep_freed_memory=not args.malloc_default, cut=args.cut))
             except ValueError as e:
                 raise SystemExit(f"compare_torch_pipelining: {e}") from None
     import torch
@@ -237,6 +240,10 @@ def main(argv=None) -> int:
                      f"Run time {time.perf_counter() - t0:.0f} s.", "", table, "",
                      "Where the time goes (median ms per step per rank; wait = receives and waits on peers, "
                      "other = the runtime's own overhead):", "", breakdown_table(results), ""]
+        cuts = next((r.extra.get("cuts") for r in results if r.extra.get("cuts")), None)
+        if cuts:
+            sections += [f"Stage cut ({cfg.cut}; block bounds, the same for both runtimes): "
+                         + "; ".join(f"{n} stages {list(b)}" for n, b in sorted(cuts.items(), key=lambda kv: int(kv[0]))), ""]
         if costs:
             sections += [f"Per-stage costs twobp measured for auto and carry (s per micro-batch): "
                          f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]

@@ -55,3 +55,4 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     text = out.read_text()
     assert "## Summary" in text and "Where the time goes" in text and "machine:" in text
     assert "host allocator, every rank and contender: freed memory kept in the process" in text
+    assert "Stage cut (balanced; block bounds, the same for both runtimes): 2 stages [0, " in text, text

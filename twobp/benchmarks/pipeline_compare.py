@@ -144,6 +144,10 @@ class CompareConfig:
     overlap_steps: bool = True
     """twobp's 2BP schedules carry trailing P2 into the next step where the measured costs
     say it helps (``PipelineExecutor(overlap_steps=True)``)."""
+    cut: str = "balanced"
+    """How the model is cut into stages, the same cut for both runtimes: ``balanced`` by each
+    block's forward + backward time, measured once on rank 0 (:func:`~twobp.pipeline.measure_block_costs`,
+    :func:`~twobp.pipeline.balance`), or ``equal`` block counts."""
     keep_freed_memory: bool = True
     """Every rank, hence both runtimes alike, keeps freed host memory in the process
     (:func:`twobp.keep_freed_host_memory`) instead of glibc's default of page-faulting it back;
@@ -172,6 +176,8 @@ class CompareConfig:
                 raise ValueError(f"unknown torch schedule {s!r}; use one of {TORCH_SCHEDULES}")
         if not (self.timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        if self.cut not in ("balanced", "equal"):
+            raise ValueError(f"cut must be 'balanced' or 'equal', got {self.cut!r}")
 
     def contenders(self) -> list[Contender]:
         out = [Contender("twobp", s, "twobp") for s in self.ours]
@@ -223,7 +229,7 @@ class _Timer:
 
 class _OursRunner:
     def __init__(self, contender: Contender, model, world: int, cfg: CompareConfig, device, costs=None,
-                 overlap: bool = False):
+                 overlap: bool = False, bounds=None):
         from ..pipeline import PipelineExecutor, make_schedule
 
         # carried P2 holds its activations into the next step's forwards: not under a memory cap
@@ -233,7 +239,7 @@ class _OursRunner:
                                       twobp=contender.twobp, chunks=contender.chunks, costs=costs,
                                       overlap_steps=overlap, memory_limit=limit)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=self.schedule, device=device,
-                                   timeout=cfg.timeout, overlap_steps=overlap)
+                                   timeout=cfg.timeout, overlap_steps=overlap, bounds=bounds)
         self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
         self.last = None
 
@@ -247,17 +253,18 @@ class _OursRunner:
 
 
 class _TorchRunner:
-    def __init__(self, contender: Contender, model, rank: int, world: int, cfg: CompareConfig, device):
+    def __init__(self, contender: Contender, model, rank: int, world: int, cfg: CompareConfig, device,
+                 bounds=None):
         from torch import nn
         from torch.distributed import pipelining as tp
         from torch.distributed.pipelining import schedules as tps
 
-        from ..pipeline.partition import balance
+        from ..pipeline.partition import Partition, balance
 
         per_rank = 1 if contender.schedule == "Schedule1F1B" else 2
         n = world * per_rank
         blocks = model.blocks()
-        part = balance(len(blocks), n)
+        part = Partition(tuple(bounds)) if bounds is not None else balance(len(blocks), n)
         if contender.schedule == "ScheduleZBVZeroBubble":
             mine = [rank, n - 1 - rank]  # V shape: rank r holds stages r and 2p-1-r
         else:
@@ -343,6 +350,25 @@ def _build_model(cfg: CompareConfig, modules: str):
     return revert(model) if modules == "torch" else model
 
 
+def _cuts(cfg: CompareConfig, world: int, rank: int, full_batch) -> dict[int, tuple[int, ...]]:
+    """{virtual stages: block bounds} for p and 2p stages, the same on every rank: balanced by
+    block costs rank 0 measures on one micro-batch (then broadcast), or equal block counts."""
+    from ..pipeline import balance, measure_block_costs
+
+    model = _build_model(cfg, "twobp")
+    n_blocks = len(model.blocks())
+    costs = None
+    if cfg.cut == "balanced":
+        box = [None]
+        if rank == 0:
+            rows = cfg.batch_size // cfg.microbatches
+            x, y = (t[:rows] for t in full_batch)
+            box = [measure_block_costs(model.blocks(), x, model.loss_fn, y)]
+        dist.broadcast_object_list(box, src=0)
+        costs = box[0]
+    return {n: balance(n_blocks, n, costs).bounds for n in (world, 2 * world)}
+
+
 def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     import twobp
     from ..train import batch_source
@@ -370,11 +396,15 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     steps_done: dict[Contender, int] = {}
     losses: dict[Contender, list] = {c: [] for c in contenders}
 
+    cuts = _cuts(cfg, world, rank, batch(0))
+
     def build(c: Contender, costs=None) -> None:
         try:
             model = _build_model(cfg, c.modules)
-            runners[c] = (_OursRunner(c, model, world, cfg, device, costs, cfg.overlap_steps)
-                          if c.implementation == "twobp" else _TorchRunner(c, model, rank, world, cfg, device))
+            n = world * (c.chunks if c.implementation == "twobp" else (1 if c.schedule == "Schedule1F1B" else 2))
+            runners[c] = (_OursRunner(c, model, world, cfg, device, costs, cfg.overlap_steps, bounds=cuts[n])
+                          if c.implementation == "twobp"
+                          else _TorchRunner(c, model, rank, world, cfg, device, bounds=cuts[n]))
             steps_done[c] = 0
         except Exception as e:  # noqa: BLE001 - reported per contender, the others still run
             errors[c] = f"{type(e).__name__}: {e}"
@@ -462,7 +492,8 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         bd["other"] = max(0.0, bd["wall"] - sum(bd[k] for k in _KINDS if k != "other"))
         carry = list(runners[c].schedule.carry) if isinstance(runners[c], _OursRunner) else []
         out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry,
-                            costs=costs.get(c.chunks) if c.twobp else None, profile=profiles.get(c))
+                            costs=costs.get(c.chunks) if c.twobp else None, profile=profiles.get(c),
+                            cuts={n: list(b) for n, b in cuts.items()})
     return out
 
 
@@ -486,7 +517,7 @@ def run_compare(cfg: CompareConfig) -> list[ContenderResult]:
         results.append(ContenderResult(
             c, losses, rows[0]["walls"], [r["breakdown"] for r in rows],
             [r["peak"] for r in rows] if rows[0]["peak"] is not None else None,
-            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"],
+            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"], "cuts": rows[0]["cuts"],
                    "profiles": [r["profile"] for r in rows]}))
     return results
 
@@ -506,8 +537,9 @@ def losses_agree(results: Sequence[ContenderResult], rtol: float = 1e-4) -> floa
 
 def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, schedule: str = "auto-2bp") -> dict | None:
     """How much of ``schedule``'s simulated gain over our 1F1B the run realised: the simulator
-    on the per-stage costs the run measured (its cost probe), against the paired measurement.
-    ``realised`` = (measured - 1) / (simulated - 1)."""
+    on the per-stage costs the run measured (its cost probe for F / P1 / P2; the fused backward B
+    from our 1F1B's own timed steps, so a fused backward cheaper than P1 + P2 is not counted as
+    gain), against the paired measurement. ``realised`` = (measured - 1) / (simulated - 1)."""
     from ..pipeline import make_schedule, simulate
     from ..pipeline.overlap import period
 
@@ -519,7 +551,9 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     sched = make_schedule(target.contender.base_schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
                           costs=costs, overlap_steps=cfg.overlap_steps)
     plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
-    simulated = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
+    fused = [bd.get("B", 0.0) / cfg.microbatches for bd in base.breakdown]
+    plain_costs = {**costs, "B": fused} if all(b > 0 for b in fused) else costs
+    simulated = simulate(plain, plain_costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
     measured = paired_ratio(target, base)[0]
     realised = (measured - 1) / (simulated - 1) if simulated > 1 else float("nan")
     return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)

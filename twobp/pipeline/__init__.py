@@ -9,6 +9,7 @@
   tensor or tuple out) into blocks for it (ready splitters for Hugging Face models:
   :mod:`twobp.hf`); :class:`TwoBPPipelineStage` runs twobp stages under torch.distributed.pipelining's
   own schedules (its I step is p1, its W step p2).
+* :func:`measure_block_costs` times each block; :func:`balance` cuts stages by those costs.
 
 Executor names are imported lazily so that schedule work does not need torch.distributed.
 """
@@ -38,6 +39,8 @@ _LAZY = {
     "pack": ".blocks",
     "unpack": ".blocks",
     "replica_slice": ".parallel",
+    "measure_block_costs": ".block_costs",
+    "balance": ".partition",
 }
 
 __all__ = [
