@@ -55,6 +55,13 @@ def _unit(model: str) -> str:
     return "samples" if model == "resnet" else "tokens"
 
 
+def _realised(gain: dict, short: bool = False) -> str:
+    """The share of auto's simulated gain the run realised, or why there is none to realise."""
+    if not gain["simulated"] > 1:
+        return "no gain simulated" if short else "the simulator predicts no gain on these costs"
+    return f"{gain['realised']:.0%}" if short else f"realises {gain['realised']:.0%} of the simulated gain"
+
+
 def _items(cfg: CompareConfig) -> int:
     from twobp import models
 
@@ -249,7 +256,7 @@ def main(argv=None) -> int:
                          f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]
         if gain:
             sections += [f"auto on these costs: simulated {gain['simulated']:.3f}x over our 1F1B, measured "
-                         f"{gain['measured']:.3f}x: realises {gain['realised']:.0%} of the simulated gain.", ""]
+                         f"{gain['measured']:.3f}x: {_realised(gain)}.", ""]
         print(table, flush=True)
         if args.profile:
             folder = Path(args.profile)
@@ -271,7 +278,7 @@ def main(argv=None) -> int:
                        f"{format_bytes(h['torch_zb_min_peak']) if 'torch_zb_min_peak' in h else '-'} | "
                        + (f"{h['best_lean']}: {h['best_lean_vs_best_torch']:.3f}x | " if "best_lean" in h else "- | ")
                        + (f"{h['auto_gain']['measured']:.3f}x / {h['auto_gain']['simulated']:.3f}x "
-                          f"({h['auto_gain']['realised']:.0%})" if h.get("auto_gain") else "-") + " |")
+                          f"({_realised(h['auto_gain'], short=True)})" if h.get("auto_gain") else "-") + " |")
     text = "\n".join([
         "# twobp vs torch.distributed.pipelining",
         "",

@@ -538,8 +538,10 @@ def losses_agree(results: Sequence[ContenderResult], rtol: float = 1e-4) -> floa
 def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, schedule: str = "auto-2bp") -> dict | None:
     """How much of ``schedule``'s simulated gain over our 1F1B the run realised: the simulator
     on the per-stage costs the run measured (its cost probe for F / P1 / P2; the fused backward B
-    from our 1F1B's own timed steps, so a fused backward cheaper than P1 + P2 is not counted as
-    gain), against the paired measurement. ``realised`` = (measured - 1) / (simulated - 1)."""
+    as the probe's P1 + P2 times the ratio, per rank, of our 1F1B's B to our 1F1B + 2BP's P1 + P2 in
+    the same timed rounds, so a fused backward cheaper than P1 + P2 is not counted as gain and
+    both sides of the ratio come from the same minutes), against the paired measurement.
+    ``realised`` = (measured - 1) / (simulated - 1)."""
     from ..pipeline import make_schedule, simulate
     from ..pipeline.overlap import period
 
@@ -551,9 +553,15 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     sched = make_schedule(target.contender.base_schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
                           costs=costs, overlap_steps=cfg.overlap_steps)
     plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
-    fused = [bd.get("B", 0.0) / cfg.microbatches for bd in base.breakdown]
-    plain_costs = {**costs, "B": fused} if all(b > 0 for b in fused) else costs
+    plain_costs = costs
+    split = by.get("1f1b-2bp")
+    if split is not None and cfg.stages == len(base.breakdown) == len(split.breakdown) == len(costs["P1"]):
+        ratio = [b.get("B", 0.0) / (s.get("P1", 0.0) + s.get("P2", 0.0) or float("inf"))
+                 for b, s in zip(base.breakdown, split.breakdown)]
+        if all(r > 0 for r in ratio):
+            plain_costs = {**costs, "B": [r * (p1 + p2) for r, p1, p2 in zip(ratio, costs["P1"], costs["P2"])]}
     simulated = simulate(plain, plain_costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
     measured = paired_ratio(target, base)[0]
     realised = (measured - 1) / (simulated - 1) if simulated > 1 else float("nan")
-    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)
+    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised,
+                fused_b=plain_costs.get("B"))
