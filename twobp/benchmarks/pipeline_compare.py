@@ -378,7 +378,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     # The same allocator for every contender, set before anything is built (the executor
     # would set it on its own; the switch keeps it from doing so when the run asks for glibc's).
     if cfg.keep_freed_memory:
-        twobp.keep_freed_host_memory()
+        twobp.keep_freed_host_memory(force=True)  # the run's flag decides, not the environment
     else:
         os.environ[ENV_SWITCH] = "0"
     device = torch.device("cpu")
