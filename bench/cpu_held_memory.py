@@ -40,8 +40,9 @@ def child(model_name: str, m: int, keep: bool, rounds: int) -> dict:
     from twobp.train import batch_source
 
     torch.set_num_threads(1)
-    if keep:
-        assert twobp.keep_freed_host_memory(force=True)
+    if keep and not twobp.keep_freed_host_memory(force=True):
+        raise SystemExit("cpu_held_memory: this process's malloc is not glibc's, so there is nothing to "
+                         "tune; run it on Linux with glibc")
     preset, rows = SIZES[model_name]
     torch.manual_seed(0)
     model = build(model_name, preset)

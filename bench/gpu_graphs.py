@@ -81,8 +81,9 @@ def measure(label, block, make, device, dry_run: bool, progress=print) -> list[d
     x = make().requires_grad_()
     dy = torch.randn_like(x)
     twin = twobp.revert(copy.deepcopy(block))
-    cases = [("twobp plain", block, _steps(block, x, dy)["plain"]),
-             ("twobp split (2BP)", block, _steps(block, x, dy)["split"]),
+    steps = _steps(block, x, dy)
+    cases = [("twobp plain", block, steps["plain"]),
+             ("twobp split (2BP)", block, steps["split"]),
              ("torch modules", twin, lambda: twin(x).backward(dy))]
     rows = []
     for mode, mod, step in cases:

@@ -73,8 +73,8 @@ def forced_backend() -> Backend | None:
 
 @contextlib.contextmanager
 def pinned_backend(name: Backend | None) -> Iterator[None]:
-    """:func:`use_backend` when ``name`` is set; nothing otherwise. The autograd engine runs a
-    CUDA graph's backward on its own device thread, where the forward's (per-thread)
+    """:func:`use_backend` when ``name`` is set; nothing otherwise. The autograd engine runs the
+    backward of CUDA tensors on its own device thread, where the forward's (per-thread)
     ``use_backend`` is not in force: split ops pin the forward's choice around their backward."""
     if name is None:
         yield

@@ -5,10 +5,10 @@ glibc's malloc serves large blocks with ``mmap`` and hands freed memory back to 
 again and the kernel zeroes it. A training step frees and re-allocates the same activation
 sizes every micro-batch, so on a CPU it pays those faults over and over, and the more a schedule
 holds at once (2BP's deferred weight-gradient inputs, zero-bubble schedules) the more of its
-blocks fall past glibc's adaptive mmap threshold. Measured on a 2-core EPYC, one thread, a
-ResNet stage holding 8 micro-batches: 300k minor faults per step and forwards 35% slower than
-the same forwards in 1F1B order; with freed memory kept, no faults, and both orders equally fast
-(``bench/results/where-the-time-goes.md``).
+blocks fall past glibc's adaptive mmap threshold. Measured on a 2-core EPYC, one thread, the
+ResNet/cpu model holding 8 micro-batches (``bench/cpu_held_memory.py``): 143k minor faults per
+step and 0.74x the speed of the same work in 1F1B order; with freed memory kept, 1k faults and
+0.84x (the rest is the split itself and the cache; ``bench/results/where-the-time-goes.md``).
 
 :func:`keep_freed_host_memory` fixes glibc's mmap threshold at its largest (32 MiB: smaller
 blocks come from the heap and are reused) and turns heap trimming off. The process keeps its

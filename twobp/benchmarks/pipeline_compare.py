@@ -350,12 +350,12 @@ def _build_model(cfg: CompareConfig, modules: str):
     return revert(model) if modules == "torch" else model
 
 
-def _cuts(cfg: CompareConfig, world: int, rank: int, full_batch) -> dict[int, tuple[int, ...]]:
+def _cuts(cfg: CompareConfig, world: int, rank: int, model, full_batch) -> dict[int, tuple[int, ...]]:
     """{virtual stages: block bounds} for p and 2p stages, the same on every rank: balanced by
-    block costs rank 0 measures on one micro-batch (then broadcast), or equal block counts."""
+    block costs rank 0 measures on one micro-batch of ``model`` (then broadcast; its gradients
+    are cleared), or equal block counts."""
     from ..pipeline import balance, measure_block_costs
 
-    model = _build_model(cfg, "twobp")
     n_blocks = len(model.blocks())
     costs = None
     if cfg.cut == "balanced":
@@ -383,7 +383,8 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         os.environ[ENV_SWITCH] = "0"
     device = torch.device("cpu")
     contenders = cfg.contenders()
-    data = batch_source(cfg.model, _build_model(cfg, "twobp"))
+    reference = _build_model(cfg, "twobp")  # data shapes and the block costs; never trained
+    data = batch_source(cfg.model, reference)
     batches = {}
 
     def batch(step: int):
@@ -396,7 +397,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     steps_done: dict[Contender, int] = {}
     losses: dict[Contender, list] = {c: [] for c in contenders}
 
-    cuts = _cuts(cfg, world, rank, batch(0))
+    cuts = _cuts(cfg, world, rank, reference, batch(0))
 
     def build(c: Contender, costs=None) -> None:
         try:
@@ -563,5 +564,4 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     simulated = simulate(plain, plain_costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
     measured = paired_ratio(target, base)[0]
     realised = (measured - 1) / (simulated - 1) if simulated > 1 else float("nan")
-    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised,
-                fused_b=plain_costs.get("B"))
+    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)
