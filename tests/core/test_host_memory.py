@@ -18,6 +18,10 @@ _PATTERN = textwrap.dedent("""
     import twobp
     if sys.argv[1] == "tuned":
         assert twobp.keep_freed_host_memory() is True
+    elif sys.argv[1] == "returning":  # what glibc does before its adaptive threshold has grown
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+        assert mallopt(-3, 128 << 10) and mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     sizes = [(1 + (7 * k) % 24) << 20 for k in range(12)]  # 1-24 MiB, 138 MiB held at once
@@ -40,9 +44,12 @@ def _faults_per_round(mode: str) -> float:
 
 def test_tuned_malloc_reuses_freed_activation_memory_without_page_faults():
     pages = (sum((1 + (7 * k) % 24) for k in range(12)) << 20) // 4096
-    tuned, default = _faults_per_round("tuned"), _faults_per_round("default")
+    tuned, returning = _faults_per_round("tuned"), _faults_per_round("returning")
     assert tuned < 0.05 * pages, (tuned, pages)  # 0 here; 512 (1.4%) seen once in CI
-    assert default > 5 * max(tuned, 1.0), (default, tuned)  # the setting is what made the difference
+    # The control shows this counter does see the faults when freed memory goes back to the kernel.
+    # glibc's own default is not the control: its adaptive threshold may have grown past the
+    # pattern's blocks by round 4 (CI measured 0 faults for it once), so it proves nothing either way.
+    assert returning > 5 * max(tuned, 1.0), (returning, tuned)
 
 
 def test_env_switch_turns_it_off_and_force_overrides():
