@@ -106,7 +106,10 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order")
     g = p.add_argument_group("pipeline")
     g.add_argument("--stages", type=int, default=d.stages, help="pipeline ranks (processes)")
-    g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved)")
+    g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved, auto, gpipe)")
+    g.add_argument("--layout", choices=("loop", "v"), default=d.layout,
+                   help="chunk placement with --chunks > 1: loop (stage c*p + r, Megatron's) or v (ZB-V's: rank r "
+                        "runs stages r and 2p-1-r, so rank 0 holds the first and the last; auto and gpipe only)")
     g.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")
     g.add_argument("--dp", type=int, default=d.dp,
                    help="data-parallel replicas of the pipeline: --stages x --dp processes, gradients averaged "
@@ -154,7 +157,7 @@ def _job_main(args: argparse.Namespace) -> int:
     if isinstance(variants, str):
         variants = _parse_variants(variants)
     try:
-        cfg = JobConfig(model=args.model, preset=args.preset, stages=args.stages, chunks=args.chunks,
+        cfg = JobConfig(model=args.model, preset=args.preset, stages=args.stages, chunks=args.chunks, layout=args.layout,
                         microbatches=args.microbatches, batch_size=args.batch_size, variants=variants,
                         steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed, device=args.device,
                         threads=args.threads, timeout=args.timeout, tie_embeddings=args.tie_embeddings,

@@ -61,6 +61,9 @@ class JobConfig:
     """Pipeline ranks (processes; GPUs under NCCL)."""
     chunks: int = 1
     """Model chunks per rank (interleaved-1f1b needs >= 2)."""
+    layout: str = "loop"
+    """Chunk placement with chunks > 1: loop (Megatron's, stage c*p + r) or v (ZB-V's: rank r runs
+    stages r and 2p-1-r; auto and gpipe only)."""
     microbatches: int = 4
     """Micro-batches per step."""
     batch_size: int = 8
@@ -124,6 +127,8 @@ class JobConfig:
             raise ValueError(f"batch_size={self.batch_size} must split into dp={self.dp} equal replica shares of at "
                              f"least microbatches={self.microbatches} rows; use --batch-size "
                              f"{self.dp * self.microbatches} or a multiple of it")
+        if self.layout not in ("loop", "v"):
+            raise ValueError(f"layout must be loop or v, got {self.layout!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float))
@@ -172,13 +177,13 @@ class JobConfig:
         for v in self.variants:
             if v.schedule not in SCHEDULE_NAMES:
                 raise ValueError(f"unknown schedule {v.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
-            if v.schedule == "auto":
+            if v.schedule == "auto" and self.layout == "loop":
                 continue  # built from measured costs at run time; its checks are the ones below
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # too few micro-batches only warns; the run says so too
                 make_schedule(v.schedule, stages=self.stages, microbatches=self.microbatches, twobp=v.twobp,
-                              chunks=self.chunks, validate_result=False)
+                              chunks=self.chunks, layout=self.layout, validate_result=False)
         if self.resume:
             folder = Path(self.resume)
             if not folder.is_dir() or not any(folder.glob("stage-*.pt")):
@@ -301,6 +306,7 @@ def _build_stage_model(cfg: JobConfig, pp_rank: int, device):
     """This rank's blocks only (the rest stay on the meta device), and the cut they follow.
     Values equal the whole model built with the same seed."""
     from . import models
+    from .pipeline.actions import stage_of
     from .pipeline.partition import balance
 
     if cfg.hf_config:  # every rank builds the whole (seeded) model and keeps its own blocks
@@ -309,7 +315,7 @@ def _build_stage_model(cfg: JobConfig, pp_rank: int, device):
         return model, balance(len(model.blocks()), cfg.stages * cfg.chunks)
     meta = models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg))
     part = balance(len(meta.blocks()), cfg.stages * cfg.chunks)
-    mine = [i for s in range(cfg.stages * cfg.chunks) if s % cfg.stages == pp_rank for i in part.blocks_of(s)]
+    mine = [i for c in range(cfg.chunks) for i in part.blocks_of(stage_of(pp_rank, c, cfg.stages, cfg.layout))]
     model = models.build_blocks(cfg.model, cfg.preset, blocks=mine, seed=cfg.seed, device=device,
                                 dtype=cfg.torch_dtype, **_overrides(cfg))
     return model, part
@@ -327,7 +333,8 @@ class _Run:
         model, part = _build_stage_model(cfg, pp_rank, device)
         overlap = cfg.overlap_steps and variant.twobp
         sched = make_schedule(variant.schedule, stages=cfg.stages, microbatches=cfg.microbatches,
-                              twobp=variant.twobp, chunks=cfg.chunks, costs=costs, overlap_steps=overlap)
+                              twobp=variant.twobp, chunks=cfg.chunks, costs=costs, overlap_steps=overlap,
+                              layout=cfg.layout)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, device=device,
                                    timeout=cfg.timeout, overlap_steps=overlap, bounds=part.bounds, mesh=mesh,
                                    bucket_mb=cfg.bucket_mb)
@@ -361,12 +368,20 @@ class _Run:
         return wall
 
 
+def probe_schedule(cfg: JobConfig) -> str:
+    """The fixed 2BP schedule whose run measures the costs ``auto`` places by: 1F1B with one chunk
+    per rank, interleaved 1F1B over looped chunks where it applies, else GPipe (any layout)."""
+    if cfg.chunks == 1:
+        return "1f1b"
+    return "interleaved-1f1b" if cfg.layout == "loop" and cfg.microbatches % cfg.stages == 0 else "gpipe"
+
+
 def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
-    """Per-stage F / P1 / P2 costs, measured on a throw-away 1F1B + 2BP run: the median over
-    PROBE_STEPS steps after a warm-up one."""
+    """Per-stage F / P1 / P2 costs, measured on a throw-away 2BP run of :func:`probe_schedule`: the
+    median over PROBE_STEPS steps after a warm-up one."""
     from .pipeline.costs import PROBE_STEPS, median_costs
 
-    probe = _Run(cfg, Variant("1f1b", True), mesh, device, None)
+    probe = _Run(cfg, Variant(probe_schedule(cfg), True), mesh, device, None)
     measured = []
     for k in range(1 + PROBE_STEPS):
         x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
@@ -589,7 +604,7 @@ def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | Non
             continue
         costs = {k: r.costs[k] for k in ("F", "P1", "P2", "comm") if k in r.costs}
         sched = make_schedule(r.schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
-                              chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry))
+                              chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry), layout=cfg.layout)
         plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
         sim = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
         got = r.speedup_over(base)[0]

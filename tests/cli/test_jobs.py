@@ -116,3 +116,30 @@ def test_bf16_and_fp16_jobs_train():
         losses = res[0].losses
         assert all(l == l and l < 7 for l in losses), (dtype, losses)  # finite, and a byte LM's ln(256) ≈ 5.5
         assert losses[-1] < losses[0], (dtype, losses)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_v_layout_job_probes_costs_and_trains_like_the_looped_one(tmp_path):
+    """`compare --chunks 2 --layout v`: auto is placed on costs a V-shaped probe measured (1F1B
+    cannot run two chunks per rank), and every schedule's losses equal the looped layout's, with
+    the tied embedding and head on one rank in the V (stepped once) and on two in the loop."""
+    from twobp.train import probe_schedule
+
+    base = dict(stages=2, chunks=2, steps=2, warmup=0, microbatches=4, batch_size=8, timeout=60.0, quiet=True,
+                out=None)
+    assert probe_schedule(JobConfig(**base)) == "interleaved-1f1b"
+    assert probe_schedule(JobConfig(**base, layout="v")) == "gpipe"
+    assert probe_schedule(JobConfig(**{**base, "chunks": 1})) == "1f1b"
+    v = run_job(JobConfig(**base, layout="v", tie_embeddings=True,
+                          variants=(Variant("gpipe", False), Variant("auto", True))))
+    loop = run_job(JobConfig(**base, tie_embeddings=True, variants=(Variant("interleaved-1f1b", True),)))
+    for r in v:
+        assert r.losses == pytest.approx(loop[0].losses, rel=1e-5)
+
+
+def test_v_layout_takes_only_schedules_that_place_chunks_in_a_v():
+    with pytest.raises(SystemExit, match="1f1b places chunks in the looped layout"):
+        main(["run", "--chunks", "2", "--layout", "v", "--schedules", "1f1b"])
+    with pytest.raises(SystemExit, match="needs chunks >= 2"):
+        main(["run", "--layout", "v", "--schedules", "auto-2bp"])

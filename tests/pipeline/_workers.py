@@ -11,6 +11,7 @@ from torch import nn
 
 import twobp
 from twobp.pipeline import PipelineExecutor, make_schedule
+from twobp.pipeline.lowering import receive_in_send_order
 
 D_IN, D, N_OUT, N_BLOCKS = 6, 12, 5, 8
 
@@ -58,14 +59,18 @@ def reference(seed: int, n: int, lr: float | None = None, drop_last: bool = Fals
 
 
 def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> dict:
-    """Run every (name, twobp, chunks, m, lr) case once; return per case this rank's loss,
+    """Run every (name, twobp, chunks, m, lr, *flags) case once (flags: "channels" for one-way
+    channels, "v" for the V layout, "fifo" for receive_in_send_order); return per case this rank's loss,
     grads (global names), params after an SGD step when lr is set, and store state; and
     under "tied" what building a model with a tied embedding/head said."""
     torch.set_num_threads(1)
     out = {"tied": tied_case(rank, world)}
     for case in cases:
         name, use_2bp, chunks, m, lr = case[:5]
-        sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks)
+        sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks,
+                              layout="v" if "v" in case[5:] else "loop")
+        if "fifo" in case[5:]:  # explicit form, receives in send order: what the executor runs on NCCL
+            sched = receive_in_send_order(sched)
         ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60,
                               one_way_channels="channels" in case)
         opt = torch.optim.SGD(ex.parameters(), lr=lr) if lr is not None else None

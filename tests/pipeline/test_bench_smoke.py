@@ -38,7 +38,8 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     got = {(r["implementation"], r["schedule"], r["twobp"]) for r in rows}
     assert got == {("twobp", "1f1b", False), ("twobp", "1f1b", True), ("twobp", "zb-h1", True),
                    ("twobp", "auto-h1", True), ("twobp", "auto", True), ("twobp", "auto-x2h1", True),
-                   ("twobp", "auto-x2", True), ("torch", "Schedule1F1B", False),
+                   ("twobp", "auto-x2", True), ("twobp", "auto-vh1", True), ("twobp", "auto-v", True),
+                   ("torch", "Schedule1F1B", False),
                    ("torch", "ScheduleInterleavedZeroBubble", False), ("torch", "ScheduleZBVZeroBubble", False)}
     for r in rows:
         assert "error" not in r, r
@@ -52,6 +53,9 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     # equal; the head's logits make the last chunk heavier, but it stays under torch's ZB schedules
     torch_zb = min(max(r["peak_saved_bytes"]) for r in rows if "ZeroBubble" in r["schedule"])
     assert peak["auto-x2h1"] <= torch_zb, (peak, torch_zb)
+    # the V layout within 1F1B's memory holds no more than torch's ZB-V on the same cut
+    torch_zbv = next(max(r["peak_saved_bytes"]) for r in rows if r["schedule"] == "ScheduleZBVZeroBubble")
+    assert peak["auto-vh1"] <= torch_zbv * 1.05, (peak, torch_zbv)
     text = out.read_text()
     assert "## Summary" in text and "Where the time goes" in text and "machine:" in text
     assert "host allocator, every rank and contender: freed memory kept in the process" in text

@@ -29,7 +29,11 @@ def cases_for(world):
            if use_2bp or name not in ("zb-h1", "auto")]  # those two place P2: 2BP only
     out += [("gpipe", True, 2, m, None), ("auto", True, 2, m, None), ("1f1b", True, 1, m, 0.1),
             # the per-direction process groups NCCL uses, exercised here on gloo
-            ("interleaved-1f1b", True, 2, m, None, "channels")]
+            ("interleaved-1f1b", True, 2, m, None, "channels"),
+            # the V layout: rank 0 holds the first and the last stage, rank p-1 hands stage
+            # p-1's output to stage p locally
+            ("auto", True, 2, m, None, "v"), ("gpipe", False, 2, m, None, "v"), ("auto", True, 2, m, 0.1, "v"),
+            ("auto", True, 2, m, None, "v", "channels", "fifo")]
     return out
 
 
@@ -51,7 +55,7 @@ def run_world(world):
 
 
 def _ids(cases):
-    return [f"{n}{'-2bp' if b else ''}-v{c}{'-sgd' if lr else ''}{'-ch' if rest else ''}"
+    return [f"{n}{'-2bp' if b else ''}-v{c}{'-sgd' if lr else ''}{''.join('-' + f[:2] for f in rest)}"
             for n, b, c, m, lr, *rest in cases]
 
 

@@ -53,13 +53,15 @@ from ..pipeline.costs import PROBE_STEPS, median_costs
 
 __all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
 
-DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-h1-2bp", "auto-2bp", "auto-x2h1-2bp", "auto-x2-2bp")
+DEFAULT_OURS = ("1f1b", "1f1b-2bp", "zb-h1-2bp", "auto-h1-2bp", "auto-2bp", "auto-x2h1-2bp", "auto-x2-2bp",
+                "auto-vh1-2bp", "auto-v-2bp")
 DEFAULT_TORCH = ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble")
 TORCH_SCHEDULES = DEFAULT_TORCH
 _KINDS = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
-_AUTO_VARIANTS = ("auto", "auto-h1", "auto-x2", "auto-x2h1")
-"""``auto`` placements the comparison runs: free, within ZB-H1's memory (h1), over two chunks
-per rank (x2), and both (x2h1)."""
+_AUTO_VARIANTS = ("auto", "auto-h1", "auto-x2", "auto-x2h1", "auto-v", "auto-vh1")
+"""``auto`` placements the comparison runs: free, within ZB-H1's memory (h1), over two looped
+chunks per rank (x2), both (x2h1), over two chunks per rank in ZB-V's V layout (v), and that
+within 1F1B's memory (vh1)."""
 
 
 @dataclass(frozen=True)
@@ -82,21 +84,27 @@ class Contender:
 
     @property
     def schedule_name(self) -> str:
-        """The make_schedule name: ``auto-h1``, ``auto-x2`` and ``auto-x2h1`` are ``auto``."""
+        """The make_schedule name: every ``auto-*`` variant is ``auto``."""
         return "auto" if self.base_schedule in _AUTO_VARIANTS else self.base_schedule
 
     @property
     def chunks(self) -> int:
-        """Model chunks per rank: two for ``interleaved-1f1b`` and ``auto-x2``/``auto-x2h1``
-        (looped, like torch's interleaved schedules), one otherwise."""
-        return 2 if self.base_schedule in ("interleaved-1f1b", "auto-x2", "auto-x2h1") else 1
+        """Model chunks per rank: two for ``interleaved-1f1b``, ``auto-x2``/``auto-x2h1`` (looped,
+        like torch's interleaved schedules) and ``auto-v``/``auto-vh1`` (V-shaped), one otherwise."""
+        return 2 if self.base_schedule in ("interleaved-1f1b", "auto-x2", "auto-x2h1", "auto-v", "auto-vh1") else 1
+
+    @property
+    def layout(self) -> str:
+        """Chunk placement: ``v`` for ``auto-v``/``auto-vh1`` (rank r holds stages r and 2p-1-r, as
+        torch's ScheduleZBVZeroBubble), ``loop`` otherwise."""
+        return "v" if self.base_schedule in ("auto-v", "auto-vh1") else "loop"
 
     def memory_limit(self, stages: int) -> int | None:
         """``auto-h1``: at most ``stages`` micro-batches held per rank from F to P2, what 1F1B
         and ZB-H1 hold, so its peak saved activations stay at 1F1B's; ``auto-x2h1``: the same
         bytes if the chunks were of equal size (``2 * stages`` chunk micro-batches; a last chunk
-        holding the head's logits is heavier); None otherwise."""
-        return {"auto-h1": stages, "auto-x2h1": 2 * stages}.get(self.base_schedule)
+        holding the head's logits is heavier), and so ``auto-vh1``; None otherwise."""
+        return {"auto-h1": stages, "auto-x2h1": 2 * stages, "auto-vh1": 2 * stages}.get(self.base_schedule)
 
     @property
     def label(self) -> str:
@@ -167,8 +175,9 @@ class CompareConfig:
             base = s[:-4] if s.endswith("-2bp") else s
             if base not in (*SCHEDULE_NAMES, *_AUTO_VARIANTS):
                 raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} or auto-h1 (auto "
-                                 "within ZB-H1's memory), auto-x2 (over two chunks per rank), auto-x2h1 (both); "
-                                 "add -2bp for 2BP")
+                                 "within ZB-H1's memory), auto-x2 (over two looped chunks per rank), auto-x2h1 "
+                                 "(both), auto-v (two chunks per rank in the V layout), auto-vh1 (that within "
+                                 "1F1B's memory); add -2bp for 2BP")
             if base.startswith("auto") and not s.endswith("-2bp"):
                 raise ValueError(f"{base} places P2, so it needs 2BP: use {base}-2bp")
         for s in self.torch_schedules:
@@ -237,7 +246,7 @@ class _OursRunner:
         overlap = overlap and contender.twobp and limit is None
         self.schedule = make_schedule(contender.schedule_name, stages=world, microbatches=cfg.microbatches,
                                       twobp=contender.twobp, chunks=contender.chunks, costs=costs,
-                                      overlap_steps=overlap, memory_limit=limit)
+                                      overlap_steps=overlap, memory_limit=limit, layout=contender.layout)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=self.schedule, device=device,
                                    timeout=cfg.timeout, overlap_steps=overlap, bounds=bounds)
         self.opt = torch.optim.AdamW(list(self.ex.parameters()), lr=cfg.lr)
@@ -424,7 +433,8 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
 
     # auto places P2 by measured per-stage costs, and carried P2 is sized by them: measure
     # them first, on a throw-away 1F1B + 2BP run (median of PROBE_STEPS steps after a warm-up)
-    # (per virtual stage: two-chunk contenders get theirs from an interleaved probe)
+    # (per virtual stage: two-chunk contenders get theirs from an interleaved probe; a stage's
+    # compute costs the same whichever rank runs it, so the V layout uses them too)
     def probe_costs(schedule: str):
         probe = Contender("twobp", schedule, "twobp")
         build(probe)

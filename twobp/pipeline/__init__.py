@@ -14,7 +14,7 @@
 Executor names are imported lazily so that schedule work does not need torch.distributed.
 """
 
-from .actions import Action, B, F, P1, P2, Schedule, parse_action
+from .actions import LAYOUTS, Action, B, F, P1, P2, Schedule, parse_action
 from .auto import auto_report, auto_schedule, lower_bound
 from .costs import UNIT_COSTS, Costs, MemorySizes, as_costs, median_costs
 from .generators import SCHEDULE_NAMES, make_schedule
@@ -44,7 +44,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "Action", "B", "F", "P1", "P2", "Schedule", "parse_action",
+    "Action", "B", "F", "P1", "P2", "Schedule", "parse_action", "LAYOUTS",
     "Costs", "MemorySizes", "UNIT_COSTS", "as_costs", "median_costs",
     "SCHEDULE_NAMES", "make_schedule", "auto_schedule", "auto_report", "lower_bound",
     "fuse_backward", "lower_comm", "merge_p2",

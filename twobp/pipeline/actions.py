@@ -7,8 +7,16 @@ A pipeline of ``p`` ranks (``stages`` below) with ``v`` model chunks per rank ha
 
     s = c * p + r                      (Megatron's interleaved placement)
 
-so with ``v = 1`` the stage is the rank. Micro-batch ``mb`` flows forward through
-``s = 0 .. S-1`` and its gradient flows back through ``S-1 .. 0``.
+so with ``v = 1`` the stage is the rank. That is the ``"loop"`` layout. The ``"v"`` layout
+(ZB-V's) runs every odd chunk in the other direction:
+
+    s = c * p + r              for even c,
+    s = c * p + (p - 1 - r)    for odd c,
+
+so with ``v = 2`` rank ``r`` holds stages ``r`` and ``2p - 1 - r``: rank 0 holds the first
+and the last stage, and the hand-off from stage ``p - 1`` to ``p`` stays on rank ``p - 1``
+(no message). Micro-batch ``mb`` flows forward through ``s = 0 .. S-1`` and its gradient
+flows back through ``S-1 .. 0``, whatever the layout.
 
 Actions
 -------
@@ -56,6 +64,7 @@ The text form of a whole schedule is a header line then one line per rank::
     rank 0: F0.0 F1.0 P1[0].0 F2.0 P1[1].0 P2[0].0 P1[2].0 P2[1,2].0
     rank 1: F0.0 P1[0].0 F1.0 P1[1].0 F2.0 P1[2].0 P2[0-2].0
 
+A schedule in the ``"v"`` layout says so in its header (``... microbatches=4 layout=v``).
 ``Schedule.parse(str(schedule)) == schedule`` always holds.
 """
 
@@ -67,6 +76,7 @@ from typing import Iterable, NamedTuple
 
 __all__ = [
     "Action",
+    "LAYOUTS",
     "COMPUTE_KINDS",
     "COMM_KINDS",
     "Schedule",
@@ -75,8 +85,12 @@ __all__ = [
     "P1",
     "P2",
     "parse_action",
+    "place",
+    "stage_of",
 ]
 
+LAYOUTS = ("loop", "v")
+"""How chunks map to virtual stages (module docstring): looped (Megatron) or V-shaped (ZB-V)."""
 COMPUTE_KINDS = ("F", "B", "P1", "P2")
 COMM_KINDS = ("SF", "RF", "SB", "RB")
 _BRACKETED = ("P1", "P2")
@@ -130,6 +144,19 @@ def P2(mbs: int | Iterable[int], chunk: int = 0) -> Action:
     return Action("P2", tuple(mbs), chunk)
 
 
+def stage_of(rank: int, chunk: int, stages: int, layout: str = "loop") -> int:
+    """Virtual stage run by ``chunk`` of ``rank`` among ``stages`` ranks (module docstring)."""
+    if layout == "v" and chunk % 2:
+        return chunk * stages + stages - 1 - rank
+    return chunk * stages + rank
+
+
+def place(stage: int, stages: int, layout: str = "loop") -> tuple[int, int]:
+    """``(rank, chunk)`` that runs virtual ``stage``: the inverse of :func:`stage_of`."""
+    chunk, i = divmod(stage, stages)
+    return (stages - 1 - i if layout == "v" and chunk % 2 else i), chunk
+
+
 def _format_mbs(mbs: tuple[int, ...]) -> str:
     # Runs of three or more consecutive ids print as a range, so a batched P2 over a whole
     # step stays one short token (P2[0-63].0).
@@ -176,7 +203,8 @@ def parse_action(text: str) -> Action:
 
 
 _HEADER_RE = re.compile(
-    r"^schedule name=(\S+) stages=([0-9]+) chunks=([0-9]+) microbatches=([0-9]+)(?: carry=([0-9,]+))?$")
+    r"^schedule name=(\S+) stages=([0-9]+) chunks=([0-9]+) microbatches=([0-9]+)(?: carry=([0-9,]+))?"
+    r"(?: layout=(\S+))?$")
 _RANK_RE = re.compile(r"^rank ([0-9]+):(.*)$")
 
 
@@ -189,7 +217,7 @@ class Schedule:
     stages: int
     """Pipeline ranks ``p`` (one process each)."""
     chunks: int = 1
-    """Model chunks per rank ``v``; virtual stage of (rank r, chunk c) is ``c * p + r``."""
+    """Model chunks per rank ``v``; see :attr:`layout` for which virtual stage each runs."""
     microbatches: int
     """Micro-batches ``m`` per step, numbered ``0 .. m-1``."""
     name: str = "custom"
@@ -197,6 +225,9 @@ class Schedule:
     carry: tuple[int, ...] = ()
     """Per rank, trailing P2 micro-batches run at the start of the next step (see Carry in
     the module docstring); ``()`` carries nothing."""
+    layout: str = "loop"
+    """``"loop"``: chunk c of rank r runs stage ``c * p + r``; ``"v"``: odd chunks run the other
+    way, ``c * p + p - 1 - r`` (module docstring)."""
     meta: dict = field(default_factory=dict, compare=False, repr=False)
     """Generator notes (e.g. auto's lower bound); not part of the text form or equality."""
 
@@ -219,6 +250,8 @@ class Schedule:
                 isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in carry)):
             raise ValueError(f"Schedule.carry must hold one int >= 0 per rank ({self.stages}), got {self.carry!r}")
         object.__setattr__(self, "carry", carry if any(carry) else ())
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Schedule.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
     @property
     def num_stages(self) -> int:
@@ -227,11 +260,11 @@ class Schedule:
 
     def stage_of(self, rank: int, chunk: int) -> int:
         """Virtual stage run by ``chunk`` of ``rank``."""
-        return chunk * self.stages + rank
+        return stage_of(rank, chunk, self.stages, self.layout)
 
     def place(self, stage: int) -> tuple[int, int]:
         """``(rank, chunk)`` that runs virtual ``stage``."""
-        return stage % self.stages, stage // self.stages
+        return place(stage, self.stages, self.layout)
 
     @property
     def uses_split(self) -> bool:
@@ -248,15 +281,16 @@ class Schedule:
         return self.carry[rank] if self.carry else 0
 
     def replace(self, **changes) -> "Schedule":
-        kw = dict(ranks=self.ranks, stages=self.stages, chunks=self.chunks,
-                  microbatches=self.microbatches, name=self.name, carry=self.carry, meta=dict(self.meta))
+        kw = dict(ranks=self.ranks, stages=self.stages, chunks=self.chunks, microbatches=self.microbatches,
+                  name=self.name, carry=self.carry, layout=self.layout, meta=dict(self.meta))
         kw.update(changes)
         return Schedule(**kw)
 
     def __str__(self) -> str:
         lines = [f"schedule name={self.name} stages={self.stages} chunks={self.chunks} "
                  f"microbatches={self.microbatches}" + (f" carry={','.join(map(str, self.carry))}"
-                                                        if self.carry else "")]
+                                                        if self.carry else "")
+                 + (f" layout={self.layout}" if self.layout != "loop" else "")]
         for r, acts in enumerate(self.ranks):
             lines.append(f"rank {r}: " + " ".join(str(a) for a in acts))
         return "\n".join(lines)
@@ -271,16 +305,17 @@ class Schedule:
         if head is None:
             raise ValueError(
                 f"schedule text must start with 'schedule name=<n> stages=<p> chunks=<v> "
-                f"microbatches=<m>' (then optionally ' carry=<k0>,<k1>,...'), got {lines[0]!r}")
+                f"microbatches=<m>' (then optionally ' carry=<k0>,<k1>,...' and ' layout=v'), got {lines[0]!r}")
         name, p, v, m = head.group(1), *(int(head.group(i)) for i in (2, 3, 4))
         carry = tuple(int(c) for c in head.group(5).split(",") if c) if head.group(5) else ()
+        layout = head.group(6) or "loop"
         ranks: list[tuple[Action, ...]] = []
         for ln in lines[1:]:
             rm = _RANK_RE.match(ln)
             if rm is None or int(rm.group(1)) != len(ranks):
                 raise ValueError(f"expected 'rank {len(ranks)}: <actions>', got {ln!r}")
             ranks.append(tuple(parse_action(tok) for tok in rm.group(2).split()))
-        return cls(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name=name, carry=carry)
+        return cls(ranks=tuple(ranks), stages=p, chunks=v, microbatches=m, name=name, carry=carry, layout=layout)
 
     def grid(self, mark: tuple[int, int] | None = None) -> str:
         """The schedule as a table (one column per rank); ``mark=(rank, index)`` flags a step."""

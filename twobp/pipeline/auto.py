@@ -11,7 +11,10 @@ general), so ``auto`` is a heuristic:
    the 2BP 1F1B (or interleaved 1F1B) schedule; ZB-H1 and the same with every P2
    lag raised by e (``chunks = 1``, within the limit); greedy list scheduling (:mod:`.greedy`:
    P1 > F > P2, P2 fills idle time) with the memory limit, and with the limit ``p`` of
-   ZB-H1; the same with every P2 left to the end; 2BP GPipe.
+   ZB-H1 (``v * p``, ZB-V's, in the V layout); the same with every P2 left to the end;
+   2BP GPipe. With ``chunks > 1`` the greedy runs both with Megatron's interleaved F/P1
+   order (looped layout only) and with the deepest-ready-stage order, the one the V
+   layout (:data:`~.actions.LAYOUTS`) uses: ZB-V's placement, found from costs.
 2. **Local search** on the best candidate: every P2 is split to one micro-batch, and
    single P2 moves (to any later or earlier legal slot on its rank, before a compute
    action or at the end) are tried, taking the first that lowers the simulated makespan
@@ -35,7 +38,7 @@ the optimum for that instance. On unit costs (p=4, m=8) auto reaches the ZB-H1 m
 
 from __future__ import annotations
 
-from .actions import Action, Schedule
+from .actions import Action, Schedule, place, stage_of
 from .costs import Costs
 from .greedy import list_schedule
 from .lowering import lower_comm
@@ -45,28 +48,37 @@ from .walk import walk
 __all__ = ["auto_schedule", "lower_bound", "period_lower_bound", "auto_report"]
 
 
-def lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) -> float:
+def _crossing_comm(p: int, S: int, layout: str, costs: Costs) -> list[float]:
+    """Latency of the hand-off out of each stage s -> s+1: 0 where both lie on one rank."""
+    return [0.0 if place(s, p, layout)[0] == place(s + 1, p, layout)[0] else costs.at("comm", s)
+            for s in range(S - 1)]
+
+
+def _rank_work(r: int, p: int, v: int, m: int, layout: str, costs: Costs) -> float:
+    return sum(m * sum(costs.at(k, stage_of(r, c, p, layout)) for k in ("F", "P1", "P2")) for c in range(v))
+
+
+def lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs, layout: str = "loop") -> float:
     """A makespan no placement of the P2s can beat (see the module docstring)."""
     p, v, m = stages, chunks, microbatches
     S = p * v
+    comm = _crossing_comm(p, S, layout, costs)
     head = [0.0] * S
     for s in range(1, S):
-        head[s] = head[s - 1] + costs.at("F", s - 1) + costs.at("comm", s - 1)
+        head[s] = head[s - 1] + costs.at("F", s - 1) + comm[s - 1]
     best = 0.0
     for r in range(p):
-        work = sum(m * (costs.at("F", c * p + r) + costs.at("P1", c * p + r)
-                        + costs.at("P2", c * p + r)) for c in range(v))
-        best = max(best, head[r] + work)
+        first = min(stage_of(r, c, p, layout) for c in range(v))
+        best = max(best, head[first] + _rank_work(r, p, v, m, layout, costs))
     path = sum(costs.at("F", s) + costs.at("P1", s) for s in range(S))
-    path += 2 * sum(costs.at("comm", s) for s in range(S - 1)) + costs.at("P2", 0)
+    path += 2 * sum(comm) + costs.at("P2", 0)
     return max(best, path)
 
 
-def period_lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs) -> float:
+def period_lower_bound(*, stages: int, chunks: int, microbatches: int, costs: Costs,
+                       layout: str = "loop") -> float:
     """A steady-state step time no schedule can beat, carry or not: the busiest rank's work."""
-    p, v, m = stages, chunks, microbatches
-    return max(sum(m * (costs.at("F", c * p + r) + costs.at("P1", c * p + r) + costs.at("P2", c * p + r))
-                   for c in range(v)) for r in range(p))
+    return max(_rank_work(r, stages, chunks, microbatches, layout, costs) for r in range(stages))
 
 
 def _clamped(sched: Schedule) -> Schedule:
@@ -110,15 +122,17 @@ def _split_p2(sched: Schedule) -> Schedule:
     return sched.replace(ranks=ranks)
 
 
-def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None) -> list[Schedule]:
+def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None, layout: str = "loop") -> list[Schedule]:
     from .generators import _gpipe, _one_f_one_b, interleaved_order, lagged_one_f_one_b
 
-    fwd = [interleaved_order(p, m, v, backward=False)] * p
-    bwd = [interleaved_order(p, m, v, backward=True)] * p
     out = []
-    if v == 1 or m % p == 0:
-        out.append(_one_f_one_b(p, m, v, "1f1b"))
-    out.append(_gpipe(p, m, v))
+    orders: list[tuple] = [(None, None)] if v > 1 else []  # deepest ready stage first: fits any layout
+    if layout == "loop":
+        orders.insert(0, ([interleaved_order(p, m, v, backward=False)] * p,
+                          [interleaved_order(p, m, v, backward=True)] * p))
+        if v == 1 or m % p == 0:
+            out.append(_one_f_one_b(p, m, v, "1f1b"))
+    out.append(_gpipe(p, m, v).replace(layout=layout))
     if v == 1:
         # ZB-H1 and its relaxations: P2 lag r + e on rank r holds p + e micro-batches.
         top = m if limit is None else max(0, limit - p)
@@ -126,15 +140,18 @@ def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None) -> list
             out.append(lagged_one_f_one_b(p, m, [min(r + e, m) for r in range(p)], "zb-lag"))
     limits = {limit} if limit is not None else {None}
     limits.add(p if limit is None else min(p, limit))
-    for lim in sorted(limits, key=lambda x: (x is None, x)):
-        for idle in (True, False):
-            try:
-                out.append(list_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
-                                         fwd_order=fwd, bwd_order=bwd,
-                                         limit=None if lim is None else [lim] * p,
-                                         p2_when_idle=idle, name="greedy"))
-            except RuntimeError:
-                continue  # leaving every P2 to the end cannot meet a tight limit
+    if layout == "v":  # ZB-V's memory: p micro-batches of the whole rank, 2p chunks of half of it
+        limits.add(v * p if limit is None else min(v * p, limit))
+    for fwd, bwd in orders:
+        for lim in sorted(limits, key=lambda x: (x is None, x)):
+            for idle in (True, False):
+                try:
+                    out.append(list_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
+                                             fwd_order=fwd, bwd_order=bwd,
+                                             limit=None if lim is None else [lim] * p,
+                                             p2_when_idle=idle, layout=layout, name="greedy"))
+                except RuntimeError:
+                    continue  # leaving every P2 to the end cannot meet a tight limit
     return [_split_p2(s) for s in out
             if limit is None or max(_peak_held(a) for a in s.ranks) <= limit]
 
@@ -186,28 +203,29 @@ def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int
 
 def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Costs,
                   memory_limit: int | None = None, max_evals: int = 3000,
-                  overlap_steps: bool = False) -> Schedule:
+                  overlap_steps: bool = False, layout: str = "loop") -> Schedule:
     """The ``auto`` placement (module docstring); ``schedule.meta`` holds ``makespan``,
     ``lower_bound``, ``gap`` and ``start`` (which candidate the search began from).
 
+    ``layout``: ``"loop"`` or ``"v"`` chunk placement (:mod:`.actions`); the result has it.
     ``overlap_steps``: minimise the steady-state step time with carried P2 instead of
     the one-step makespan (see :mod:`.overlap`); the result has its ``carry`` set, and
     ``meta`` reports the ``period`` and its lower bound (the busiest rank's work)."""
     p, m, v = stages, microbatches, chunks
-    cands = _candidates(p, m, v, costs, memory_limit)
+    cands = _candidates(p, m, v, costs, memory_limit, layout)
     if not cands:
         raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch "
                          f"chunks per rank; raise memory_limit (1 always fits)")
     if overlap_steps:
         cands = [choose_carry(s, costs) for s in cands]
-        lb = period_lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
+        lb = period_lower_bound(stages=p, chunks=v, microbatches=m, costs=costs, layout=layout)
 
         def score(s: Schedule) -> float:
             return period(s, costs)
         # each period simulates 5 steps: keep the search's wall time near the one-step search's
         max_evals = max(1, max_evals // 5)
     else:
-        lb = lower_bound(stages=p, chunks=v, microbatches=m, costs=costs)
+        lb = lower_bound(stages=p, chunks=v, microbatches=m, costs=costs, layout=layout)
 
         def score(s: Schedule) -> float:
             return _makespan(s, costs)

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  twobp simulate -p 4 -m 8\n"
             "  twobp simulate -p 4 -m 16 --costs F=1,P1=1.2,P2=0.8,comm=0.05 --timeline runs/sim\n"
             "  twobp simulate -p 4 -m 8 --chunks 2 --schedules interleaved-1f1b,interleaved-1f1b-2bp\n"
+            "  twobp simulate -p 4 -m 8 --chunks 2 --layout v --schedules gpipe-2bp,auto-2bp --memory-limit 8\n"
             "  twobp simulate -p 2 -m 8 --costs-json measured_costs.json --memory-limit 4\n"
             "  twobp simulate -p 2 -m 8 --costs F=1,P1=1.2,P2=0.6 --overlap-steps"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batches per step m")
     ap.add_argument("-v", "--chunks", type=int, default=1,
                     help="model chunks per rank (interleaved-1f1b, gpipe, auto); default 1")
+    ap.add_argument("--layout", choices=("loop", "v"), default="loop",
+                    help="chunk placement with --chunks > 1: loop (stage c*p + r) or v (ZB-V's: rank r runs "
+                         "stages r and 2p-1-r; auto and gpipe only); default loop")
     ap.add_argument("--schedules", default=_DEFAULT_SET,
                     help=("comma list of <name>[-2bp], names: " + ", ".join(SCHEDULE_NAMES)
                           + f" (default: {_DEFAULT_SET}; with --chunks > 1 use interleaved-1f1b)"))
@@ -78,7 +82,7 @@ def _parse_costs(text: str) -> Costs:
 
 def compare(*, stages: int, microbatches: int, chunks: int, costs: Costs, names: Sequence[str],
             memory_limit: int | None = None, timeline_dir: Path | None = None,
-            show: bool = False, out=None, overlap_steps: bool = False) -> list[dict]:
+            show: bool = False, out=None, overlap_steps: bool = False, layout: str = "loop") -> list[dict]:
     """Simulate each ``<name>[-2bp]`` and print a markdown table; returns the rows."""
     out = out if out is not None else sys.stdout
     rows = []
@@ -89,7 +93,7 @@ def compare(*, stages: int, microbatches: int, chunks: int, costs: Costs, names:
             warnings.simplefilter("always")
             sched = make_schedule(name, stages=stages, microbatches=microbatches, twobp=twobp,
                                   chunks=chunks, costs=costs, memory_limit=memory_limit,
-                                  overlap_steps=overlap_steps)
+                                  overlap_steps=overlap_steps, layout=layout)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         res = simulate(sched, costs, check=False)  # make_schedule validated it
@@ -102,7 +106,8 @@ def compare(*, stages: int, microbatches: int, chunks: int, costs: Costs, names:
             print(sched, file=out)
     base = next((r["step"] for r in rows if r["schedule"] == "1f1b"), rows[0]["step"])
     base_name = "1f1b" if any(r["schedule"] == "1f1b" for r in rows) else rows[0]["schedule"]
-    print(f"p={stages} m={microbatches} chunks={chunks} costs={costs.as_dict()}"
+    print(f"p={stages} m={microbatches} chunks={chunks}" + (f" layout={layout}" if layout != "loop" else "")
+          + f" costs={costs.as_dict()}"
           + (" (steady state, carried P2)" if overlap_steps else ""), file=out)
     extra = " carry | steady-state step |" if overlap_steps else ""
     print(f"| schedule | makespan |{extra} bubble | throughput (mb/unit) | speedup vs {base_name} | "
@@ -128,7 +133,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         names = [n.strip() for n in args.schedules.split(",") if n.strip()]
         compare(stages=args.stages, microbatches=args.microbatches, chunks=args.chunks,
                 costs=costs, names=names, memory_limit=args.memory_limit,
-                timeline_dir=args.timeline, show=args.show, overlap_steps=args.overlap_steps)
+                timeline_dir=args.timeline, show=args.show, overlap_steps=args.overlap_steps, layout=args.layout)
     except (ValueError, OSError) as e:
         print(f"twobp simulate: error: {e}", file=sys.stderr)
         return 2

@@ -8,8 +8,9 @@ so a receiver needs no shape information in advance; once both sides know the sh
 Tags: gloo matches messages by (peer, tag), so every message gets its own tag and the
 order of posting does not matter. NCCL ignores tags and matches in posting order per
 pair of ranks; the executor posts in schedule order, which pairs correctly when each
-rank receives a peer's messages in the order the peer sends them (true for every
-generated schedule; :func:`twobp.pipeline.validate.fifo_violations` checks it).
+rank receives a peer's messages in the order the peer sends them (on NCCL it runs the
+schedule's :func:`twobp.pipeline.lowering.receive_in_send_order`, which makes it so;
+:func:`twobp.pipeline.validate.fifo_violations` checks a schedule).
 
 One-way channels: NCCL runs a pair's sends and receives, both directions, in order on one
 stream, and a large send does not finish until its receive runs. Rank 0's queued

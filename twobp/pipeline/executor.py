@@ -39,7 +39,7 @@ from .actions import Schedule
 from .comm import P2P
 from .deferral import warn_if_nothing_deferred
 from .comm import one_way_channels as _one_way_channels
-from .lowering import comm_peer, lower_comm, message_key
+from .lowering import comm_peer, lower_comm, message_key, receive_in_send_order
 from ..host_memory import keep_freed_host_memory
 from ..store import ActivationStore
 from .overlap import split_tail
@@ -47,7 +47,7 @@ from .grad_sync import GradSync
 from .optimizer_step import OptimizerStep
 from .partition import BlockLike, Partition, partition_blocks, shared_across_ranks
 from .timeline import Event, Timeline
-from .validate import fifo_violations, validate
+from .validate import validate
 
 __all__ = ["PipelineExecutor", "StepResult", "PipelineError", "measured_costs"]
 
@@ -176,13 +176,6 @@ class PipelineExecutor:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         validate(schedule)
-        if dist.get_backend(group) == "nccl":
-            bad = fifo_violations(schedule)
-            if bad:
-                raise ValueError(
-                    f"schedule {schedule.name!r} receives messages out of the order they are "
-                    f"sent, which NCCL (no tags) would mismatch: {bad[0]}. Reorder the receives "
-                    "or use gloo")
         self.schedule = schedule
         self.rank = dist.get_rank(group) if rank is None else rank
         self.group = group
@@ -199,9 +192,9 @@ class PipelineExecutor:
         self.partition: Partition
         self.partition, built = partition_blocks(blocks, num_stages=p * v, ranks=p,
                                                  stages_wanted=mine, costs=block_costs,
-                                                 bounds=bounds, allow_shared=True)
+                                                 bounds=bounds, allow_shared=True, layout=schedule.layout)
         block_list = list(blocks.children()) if isinstance(blocks, nn.Sequential) else list(blocks)
-        shared = shared_across_ranks(block_list, self.partition, ranks=p)
+        shared = shared_across_ranks(block_list, self.partition, ranks=p, layout=schedule.layout)
         self.stages: dict[int, nn.Sequential] = {c: built[s].to(self.device)
                                                  for c, s in enumerate(mine)}
         mine_acts, carried = split_tail(schedule.ranks[self.rank], schedule.carried(self.rank))
@@ -210,6 +203,8 @@ class PipelineExecutor:
         self._carry_acts = carried if overlap_steps else []
         if not overlap_steps and carried:  # run as written, at the end of the step
             self._lowered = lower_comm(schedule.replace(carry=()))
+        if dist.get_backend(group) == "nccl":  # NCCL pairs a rank pair's messages in posting order
+            self._lowered = receive_in_send_order(self._lowered)
         self._split = {(a.mb, a.chunk) for a in schedule.ranks[self.rank] if a.kind == "P1"}
         warn_if_nothing_deferred(self.stages, schedule_name=schedule.name, rank=self.rank, splits=bool(self._split))
         self.overlap_steps = overlap_steps
@@ -245,9 +240,10 @@ class PipelineExecutor:
         return [prm for prm, _ in self._sync.tied]
 
     def parameters(self):
-        """Parameters of this rank's stages (for the optimizer)."""
-        for c in sorted(self.stages):
-            yield from self.stages[c].parameters()
+        """Parameters of this rank's stages (for the optimizer), each once: a weight two of the
+        rank's chunks share (a tied embedding and head in the V layout) must not be stepped twice."""
+        for _, prm in self.named_parameters():
+            yield prm
 
     def named_parameters(self):
         """(global qualified name, parameter): names match the whole model's ``nn.Sequential``."""

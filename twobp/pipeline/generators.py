@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 from typing import Mapping
 
-from .actions import Action, Schedule
+from .actions import LAYOUTS, Action, Schedule
 from .costs import Costs, as_costs
 from .lowering import fuse_backward, merge_p2
 
@@ -46,7 +46,7 @@ def _check_int(name: str, val, lo: int = 1) -> int:
 
 def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chunks: int = 1,
                   costs: Costs | Mapping | None = None, memory_limit: int | None = None,
-                  overlap_steps: bool = False, validate_result: bool = True) -> Schedule:
+                  overlap_steps: bool = False, layout: str = "loop", validate_result: bool = True) -> Schedule:
     """Build the schedule ``name`` for ``stages`` ranks and ``microbatches`` micro-batches.
 
     ``twobp``: split backward into P1/P2 (True) or fuse it into B (False).
@@ -55,6 +55,8 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     (default unit costs); the fixed schedules do not depend on costs.
     ``memory_limit``: for ``auto``, the most micro-batch chunks a rank may hold from F
     until P2 (default unbounded); ``zb-h1`` always uses ``stages``.
+    ``layout``: ``"loop"`` (Megatron's chunk placement) or ``"v"`` (ZB-V's: rank r runs stages
+    r and 2p-1-r, see :mod:`.actions`); ``auto`` and ``gpipe`` accept ``"v"``.
     ``overlap_steps`` (2BP only): set each rank's ``carry``, the trailing P2 it runs at
     the start of the next step while it waits for its first input (see
     :mod:`.overlap`), to minimise the steady-state step time on ``costs``; ``auto`` then
@@ -78,6 +80,14 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
         raise ValueError(f"{name} places the P2 (weight-gradient) actions, so it needs twobp=True "
                          f"(on the command line: {name}-2bp, or drop --no-2bp); for a fused backward "
                          "use 1f1b, gpipe or interleaved-1f1b")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "v" and name not in ("auto", "gpipe"):
+        raise ValueError(f"{name} places chunks in the looped layout; the V layout is built by 'auto' "
+                         "(or 'gpipe'): use make_schedule('auto', ..., layout='v')")
+    if layout == "v" and v < 2:
+        raise ValueError("layout='v' needs chunks >= 2 (with one chunk per rank it is the looped layout); "
+                         "pass chunks=2")
     if v > 1 and name in ("1f1b", "zb-h1"):
         raise ValueError(f"{name} runs one chunk per rank (chunks={v}); use "
                          f"'interleaved-1f1b' or 'auto' for chunks > 1")
@@ -89,7 +99,7 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     costs = as_costs(costs)
     costs.check_stages(p * v)
     if name == "gpipe":
-        sched = _gpipe(p, m, v)
+        sched = _gpipe(p, m, v).replace(layout=layout)
     elif name == "1f1b":
         sched = _one_f_one_b(p, m, 1, "1f1b")
     elif name == "interleaved-1f1b":
@@ -103,7 +113,7 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     else:
         from .auto import auto_schedule
         sched = auto_schedule(stages=p, microbatches=m, chunks=v, costs=costs,
-                              memory_limit=memory_limit, overlap_steps=overlap_steps and twobp)
+                              memory_limit=memory_limit, overlap_steps=overlap_steps and twobp, layout=layout)
     sched = merge_p2(sched)
     if not twobp:
         sched = fuse_backward(sched).replace(carry=())

@@ -4,6 +4,8 @@
   receives right before their consumer).
 * :func:`fuse_backward`: every ``P1`` becomes ``B`` and the ``P2`` actions go (2BP off).
 * :func:`merge_p2`: adjacent ``P2`` actions of one chunk become one batched ``P2``.
+* :func:`receive_in_send_order`: explicit form whose every rank takes a peer's messages in
+  the order the peer sends them (what NCCL, which ignores tags, needs).
 
 Data dependencies (virtual stage ``s``, ``S`` stages, see :mod:`.actions`):
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from .actions import Action, Schedule
 
-__all__ = ["lower_comm", "fuse_backward", "merge_p2", "comm_peer", "message_key"]
+__all__ = ["lower_comm", "fuse_backward", "merge_p2", "receive_in_send_order", "comm_peer", "message_key"]
 
 
 def comm_peer(schedule: Schedule, rank: int, action: Action) -> int:
@@ -94,3 +96,51 @@ def merge_p2(schedule: Schedule) -> Schedule:
                 merged.append(a)
         out.append(tuple(merged))
     return schedule.replace(ranks=tuple(out))
+
+
+def receive_in_send_order(schedule: Schedule) -> Schedule:
+    """The explicit form of ``schedule`` with each rank's receives from a peer in that peer's
+    send order: where a receive would take message X while messages the peer sent before X
+    are still unreceived, those are received first, right there (and not again later).
+
+    Nothing waits longer for it: the peer posts those messages before X, and sends do not
+    block, so they have left by the time X can arrive. A message received early sits in the
+    rank's buffers until its consumer runs. Where the order already matches, the schedule
+    comes back as lowered. With V-shaped chunks the order can differ: activations and
+    gradients share a rank pair in both directions (rank 0 holds the first and the last stage).
+    """
+    low = lower_comm(schedule)
+    sent: dict[tuple[int, int], list[tuple[Action, tuple]]] = {}
+    for r, acts in enumerate(low.ranks):
+        for a in acts:
+            if a.kind in ("SF", "SB"):
+                sent.setdefault((r, comm_peer(low, r, a)), []).append((a, message_key(low, r, a)))
+    out = []
+    for r, acts in enumerate(low.ranks):
+        taken: dict[int, int] = {}  # peer -> messages from it received so far (in its send order)
+        done: set[tuple] = set()
+        new: list[Action] = []
+        for a in acts:
+            if a.kind not in ("RF", "RB"):
+                new.append(a)
+                continue
+            key = message_key(low, r, a)
+            if key in done:
+                continue
+            peer = comm_peer(low, r, a)
+            queue = sent.get((peer, r), [])
+            while key not in done:
+                i = taken.get(peer, 0)
+                if i >= len(queue):  # never sent: leave it to the validator to name
+                    new.append(a)
+                    done.add(key)
+                    break
+                send, k = queue[i]
+                taken[peer] = i + 1
+                # the receive matching that send, on this rank's chunk that consumes it
+                rkind = "RF" if send.kind == "SF" else "RB"
+                stage = k[2] + 1 if send.kind == "SF" else k[2] - 1
+                new.append(Action(rkind, send.mbs, schedule.place(stage)[1]))
+                done.add(k)
+        out.append(tuple(new))
+    return low.replace(ranks=tuple(out))

@@ -74,8 +74,7 @@ def unroll(schedule: Schedule, steps: int) -> Schedule:
             out += [shifted(a, k) for a in kept]
         out += [shifted(a, steps - 1) for a in carried]
         ranks.append(tuple(out))
-    return Schedule(ranks=tuple(ranks), stages=schedule.stages, chunks=schedule.chunks,
-                    microbatches=m * steps, name=schedule.name)
+    return schedule.replace(ranks=tuple(ranks), microbatches=m * steps, carry=())
 
 
 def period(schedule: Schedule, costs: Costs | Mapping | None = None) -> float:

@@ -27,6 +27,8 @@ from typing import Callable, Sequence, Union
 
 from torch import nn
 
+from .actions import place
+
 __all__ = ["Partition", "partition_blocks", "SharedParameterError", "balance"]
 
 BlockLike = Union[nn.Module, Callable[[], nn.Module]]
@@ -104,12 +106,14 @@ class SharedAcrossRanks:
     blocks: tuple[int, ...]
     """Block indices that use it."""
     ranks: tuple[int, ...]
-    """Pipeline ranks holding a copy (stage s lives on rank ``s % ranks``)."""
+    """Pipeline ranks holding a copy (the schedule's layout says which rank runs a stage)."""
 
 
-def shared_across_ranks(blocks: Sequence[BlockLike], part: Partition, *, ranks: int) -> list[SharedAcrossRanks]:
+def shared_across_ranks(blocks: Sequence[BlockLike], part: Partition, *, ranks: int,
+                        layout: str = "loop") -> list[SharedAcrossRanks]:
     """Parameters shared by blocks on different ranks, in the order of their first block
-    (the same on every rank that builds the same blocks)."""
+    (the same on every rank that builds the same blocks). ``layout``: how stages map to
+    ranks (:data:`~.actions.LAYOUTS`)."""
     stage_of_block = {}
     for s in range(part.num_stages):
         for i in part.blocks_of(s):
@@ -117,16 +121,17 @@ def shared_across_ranks(blocks: Sequence[BlockLike], part: Partition, *, ranks: 
     out = []
     for uses in _owner_map(blocks).values():
         stages = sorted({stage_of_block[i] for i, _ in uses})
-        rank_set = tuple(sorted({s % ranks for s in stages}))
+        rank_set = tuple(sorted({place(s, ranks, layout)[0] for s in stages}))
         if len(rank_set) > 1:
             out.append(SharedAcrossRanks(tuple(n for _, n in uses), tuple(sorted({i for i, _ in uses})), rank_set))
     return sorted(out, key=lambda x: (x.blocks, x.names))
 
 
-def check_shared_parameters(blocks: Sequence[BlockLike], part: Partition, *, ranks: int) -> None:
+def check_shared_parameters(blocks: Sequence[BlockLike], part: Partition, *, ranks: int,
+                            layout: str = "loop") -> None:
     """Raise :class:`SharedParameterError` naming a parameter used on two ranks (for callers
     that cannot synchronise it; the executor all-reduces such tied copies instead)."""
-    shared = shared_across_ranks(blocks, part, ranks=ranks)
+    shared = shared_across_ranks(blocks, part, ranks=ranks, layout=layout)
     if shared:
         first = shared[0]
         raise SharedParameterError(
@@ -139,10 +144,11 @@ def check_shared_parameters(blocks: Sequence[BlockLike], part: Partition, *, ran
 def partition_blocks(blocks: Sequence[BlockLike] | nn.Sequential, *, num_stages: int, ranks: int,
                      stages_wanted: Sequence[int], costs: Sequence[float] | None = None,
                      bounds: Sequence[int] | None = None,
-                     allow_shared: bool = False) -> tuple[Partition, dict[int, nn.Sequential]]:
+                     allow_shared: bool = False, layout: str = "loop") -> tuple[Partition, dict[int, nn.Sequential]]:
     """Cut ``blocks`` into ``num_stages`` stages and build those in ``stages_wanted``.
 
-    ``ranks``: pipeline ranks (stage s lives on rank ``s % ranks``), for the sharing check.
+    ``ranks``, ``layout``: pipeline ranks and how stages map to them (stage s on rank ``s % ranks``
+    in the looped layout, :data:`~.actions.LAYOUTS`), for the sharing check.
     ``bounds``: explicit boundaries (``num_stages + 1`` ints from 0 to ``len(blocks)``).
     Returns the partition and ``{stage: nn.Sequential}`` for the wanted stages.
     """
@@ -162,7 +168,7 @@ def partition_blocks(blocks: Sequence[BlockLike] | nn.Sequential, *, num_stages:
     else:
         part = balance(len(blocks), num_stages, costs)
     if not allow_shared:
-        check_shared_parameters(blocks, part, ranks=ranks)
+        check_shared_parameters(blocks, part, ranks=ranks, layout=layout)
     built = {}
     for s in stages_wanted:
         mods = OrderedDict()

@@ -66,8 +66,9 @@ def fifo_violations(schedule: Schedule) -> list[str]:
     """Rank pairs whose receiver takes messages in another order than the sender posts them.
 
     Gloo matches by tag, so any order works there; NCCL matches a pair's messages in
-    posting order, so the executor refuses a schedule with violations on NCCL. Every
-    generated schedule has none.
+    posting order, so on NCCL the executor runs :func:`~.lowering.receive_in_send_order`
+    of the schedule, which has none. Looped schedules have none to begin with; V-shaped
+    ones can (a rank pair carries activations and gradients both ways).
     """
     low = lower_comm(schedule)
     sent: dict[tuple[int, int], list] = defaultdict(list)
