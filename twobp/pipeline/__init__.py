@@ -2,7 +2,8 @@
 
 * IR (:mod:`.actions`): per rank, an ordered tuple of :class:`Action` ``F``/``B``/``P1``/``P2``
   (plus ``SF``/``RF``/``SB``/``RB`` in the explicit form), text form ``F3.1``, ``P2[0-7].0``.
-* :func:`make_schedule`: ``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``auto``.
+* :func:`make_schedule`: ``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``auto``; with
+  ``chunks > 1`` in the looped layout or ZB-V's V (``layout="v"``, :data:`LAYOUTS`).
 * :func:`validate`, :func:`simulate`, :class:`Timeline` (Chrome trace + PNG).
 * :class:`PipelineExecutor` runs a schedule for real; :func:`spawn` / :func:`init_from_env`
   start the processes; :func:`pipeline_blocks` turns any list of modules (tensor or tuple in,
