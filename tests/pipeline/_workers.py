@@ -217,7 +217,7 @@ def train_forever(rank: int, world: int, pid_dir: str, seconds: float = 120.0) -
 
 
 def run_dp(rank: int, world: int, pp: int, dp: int, cases: list[tuple], seed: int, n: int) -> dict:
-    """pp x dp ranks: every (name, 2BP) case one step on this replica's half of the batch;
+    """pp x dp ranks: every (name, 2BP[, layout]) case one step on this replica's half of the batch;
     the loss averaged over replicas and this rank's gradients, by global name."""
     import torch.distributed as dist
 
@@ -226,15 +226,16 @@ def run_dp(rank: int, world: int, pp: int, dp: int, cases: list[tuple], seed: in
     torch.set_num_threads(1)
     mesh = init_mesh(pp=pp, dp=dp)
     out = {}
-    for name, use_2bp in cases:
-        chunks = 2 if name == "interleaved-1f1b" else 1
-        sched = make_schedule(name, stages=pp, microbatches=2 * pp, twobp=use_2bp, chunks=chunks)
+    for name, use_2bp, *layout in cases:
+        layout = layout[0] if layout else "loop"
+        chunks = 2 if name == "interleaved-1f1b" or layout == "v" else 1
+        sched = make_schedule(name, stages=pp, microbatches=2 * pp, twobp=use_2bp, chunks=chunks, layout=layout)
         ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60, mesh=mesh, bucket_mb=1e-4)
         x, y = make_batch(seed, n)
         res = ex.step(replica_slice(x, mesh), replica_slice(y, mesh), measure=(name == "1f1b"))
         loss = torch.tensor(res.loss, dtype=torch.float64)
         dist.all_reduce(loss, group=mesh.get_group("dp"))
-        out[(name, use_2bp)] = {
+        out[(name, use_2bp, layout) if layout != "loop" else (name, use_2bp)] = {
             "loss": float(loss) / dp,
             "grads": {k: p.grad.clone() for k, p in ex.named_parameters() if p.grad is not None},
             "store_empty": res.store_empty and ex.store.is_empty(),

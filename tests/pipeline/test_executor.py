@@ -141,11 +141,12 @@ def test_tied_parameters_across_ranks_are_kept_in_sync():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_data_parallel_x_pipeline_equals_one_process():
-    """pp = 2 x dp = 2 (4 gloo processes), every schedule with and without 2BP (interleaved on
-    2 chunks per rank): the loss
+    """pp = 2 x dp = 2 (4 gloo processes), every schedule with and without 2BP (interleaved and
+    auto in the V layout on 2 chunks per rank): the loss
     averaged over replicas and every gradient equal one process on the full batch; the
     replica all-reduces appear in the timeline; the store is empty after."""
     cases = [(name, b) for name in SCHEDULE_NAMES for b in (False, True) if b or name not in ("zb-h1", "auto")]
+    cases.append(("auto", True, "v"))  # two chunks per rank in the V layout
     per_rank = spawn(W.run_dp, world_size=4, args=(2, 2, cases, SEED, 8), timeout=60, join_timeout=500, env=ENV)
     ref = W.reference(SEED, 8)
     for rank, out in enumerate(per_rank):
