@@ -377,21 +377,24 @@ def probe_schedule(cfg: JobConfig) -> str:
 
 
 def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
-    """Per-stage F / P1 / P2 costs, measured on a throw-away 2BP run of :func:`probe_schedule`: the
-    median over PROBE_STEPS steps after a warm-up one."""
-    from .pipeline.costs import PROBE_STEPS, median_costs
+    """Per-stage F / P1 / P2 costs, measured on a throw-away 2BP run of :func:`probe_schedule`, and
+    the fused backward B on the same schedule without 2BP: each the median over PROBE_STEPS steps
+    after a warm-up one."""
+    from .pipeline.costs import PROBE_STEPS, median_costs, with_fused_backward
 
-    probe = _Run(cfg, Variant(probe_schedule(cfg), True), mesh, device, None)
-    measured = []
-    for k in range(1 + PROBE_STEPS):
-        x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
-        probe.step(x.to(device), y.to(device), measure=k > 0)
-        if k > 0:
-            measured.append(probe.last.costs)
-    costs = median_costs(measured)
-    probe.ex.flush()
-    del probe
-    return costs
+    measured = {}
+    for split in (True, False):
+        probe = _Run(cfg, Variant(probe_schedule(cfg), split), mesh, device, None)
+        steps = []
+        for k in range(1 + PROBE_STEPS):
+            x, y = data.batch(k, cfg.batch_size, seed=cfg.seed)
+            probe.step(x.to(device), y.to(device), measure=k > 0)
+            if k > 0:
+                steps.append(probe.last.costs)
+        measured[split] = median_costs(steps)
+        probe.ex.flush()
+        del probe
+    return with_fused_backward(measured[True], measured[False])
 
 
 def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
@@ -602,7 +605,7 @@ def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | Non
     for r in results[1:]:
         if not (r.twobp and r.costs and all(k in r.costs for k in ("F", "P1", "P2"))):
             continue
-        costs = {k: r.costs[k] for k in ("F", "P1", "P2", "comm") if k in r.costs}
+        costs = {k: r.costs[k] for k in ("F", "P1", "P2", "B", "comm") if k in r.costs}
         sched = make_schedule(r.schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
                               chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry), layout=cfg.layout)
         plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)

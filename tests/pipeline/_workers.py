@@ -60,15 +60,20 @@ def reference(seed: int, n: int, lr: float | None = None, drop_last: bool = Fals
 
 def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> dict:
     """Run every (name, twobp, chunks, m, lr, *flags) case once (flags: "channels" for one-way
-    channels, "v" for the V layout, "fifo" for receive_in_send_order); return per case this rank's loss,
+    channels, "v" for the V layout, "fifo" for receive_in_send_order, "fuse" for auto on costs with
+    a cheaper fused backward); return per case this rank's loss,
     grads (global names), params after an SGD step when lr is set, and store state; and
     under "tied" what building a model with a tied embedding/head said."""
     torch.set_num_threads(1)
     out = {"tied": tied_case(rank, world)}
     for case in cases:
         name, use_2bp, chunks, m, lr = case[:5]
-        sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks,
+        # "fuse": costs where a fused backward is cheaper, so auto mixes B with P1/P2
+        costs = dict(F=1, P1=1, P2=1, B=1.9, comm=0.02) if "fuse" in case[5:] else None
+        sched = make_schedule(name, stages=world, microbatches=m, twobp=use_2bp, chunks=chunks, costs=costs,
                               layout="v" if "v" in case[5:] else "loop")
+        if "fuse" in case[5:]:
+            assert {a.kind for acts in sched.ranks for a in acts} >= {"B", "P1", "P2"}, sched
         if "fifo" in case[5:]:  # explicit form, receives in send order: what the executor runs on NCCL
             sched = receive_in_send_order(sched)
         ex = PipelineExecutor(build_blocks(seed), loss_fn, schedule=sched, timeout=60,

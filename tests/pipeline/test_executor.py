@@ -33,7 +33,9 @@ def cases_for(world):
             # the V layout: rank 0 holds the first and the last stage, rank p-1 hands stage
             # p-1's output to stage p locally
             ("auto", True, 2, m, None, "v"), ("gpipe", False, 2, m, None, "v"), ("auto", True, 2, m, 0.1, "v"),
-            ("auto", True, 2, m, None, "v", "channels", "fifo")]
+            ("auto", True, 2, m, None, "v", "channels", "fifo"),
+            # fused and split backwards in one schedule (auto where B < P1 + P2)
+            ("auto", True, 1, m, 0.1, "fuse"), ("auto", True, 2, m, None, "v", "fuse")]
     return out
 
 

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ..host_memory import ENV_SWITCH
-from ..pipeline.costs import PROBE_STEPS, median_costs
+from ..pipeline.costs import PROBE_STEPS, median_costs, with_fused_backward
 
 __all__ = ["Contender", "CompareConfig", "ContenderResult", "run_compare", "DEFAULT_OURS", "DEFAULT_TORCH"]
 
@@ -432,7 +432,9 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         return wall
 
     # auto places P2 by measured per-stage costs, and carried P2 is sized by them: measure
-    # them first, on a throw-away 1F1B + 2BP run (median of PROBE_STEPS steps after a warm-up)
+    # them first, on a throw-away 1F1B + 2BP run (median of PROBE_STEPS steps after a warm-up),
+    # and the fused backward B on the same schedule without 2BP (auto fuses where B is cheaper
+    # and a P2 would fill no idle time)
     # (per virtual stage: two-chunk contenders get theirs from an interleaved probe; a stage's
     # compute costs the same whichever rank runs it, so the V layout uses them too)
     def probe_costs(schedule: str):
@@ -449,9 +451,9 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         return median_costs(measured)
 
     costs = {}
-    for chunks, schedule in ((1, "1f1b-2bp"), (2, "interleaved-1f1b-2bp")):
+    for chunks, schedule in ((1, "1f1b"), (2, "interleaved-1f1b")):
         if any(c.twobp and c.chunks == chunks for c in contenders):
-            costs[chunks] = probe_costs(schedule)
+            costs[chunks] = with_fused_backward(probe_costs(schedule + "-2bp"), probe_costs(schedule))
     for c in contenders:
         build(c, costs.get(c.chunks) if c.twobp else None)
     for _ in range(cfg.warmup):

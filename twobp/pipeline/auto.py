@@ -20,10 +20,16 @@ general), so ``auto`` is a heuristic:
    action or at the end) are tried, taking the first that lowers the simulated makespan
    and respects the memory limit, until no move helps or ``max_evals`` simulations ran.
    Deterministic: every rank that builds the schedule gets the same one.
+3. **Fusing back** where the costs give a fused backward ``B`` cheaper than ``P1 + P2`` (a
+   measured B; on a CPU dW computed right after dX finds its inputs in cache): every
+   candidate also competes with its backward fused throughout, and when no P2 move helps,
+   turning one micro-batch's P1 back into B (its P2 gone) is tried the same way. So a split
+   is kept only where its P2 fills idle time that pays for it.
 
 How far from optimal. The result is never worse than the best candidate that fits the
-memory limit, so never worse than 2BP 1F1B (no limit) or ZB-H1 (limit >= p) under the
-same costs, and it is a local optimum for single-P2 moves (F and P1 orders stay fixed,
+memory limit, so never worse than 2BP 1F1B (no limit), ZB-H1 (limit >= p) or, where B is
+cheaper than P1 + P2, plain 1F1B under the same costs, and it is a local optimum for
+single-P2 moves and single fusions (F and P1 orders stay fixed,
 so a schedule needing another F/P1 interleaving is out of its reach). It is compared
 with a lower bound that holds for every schedule with these costs, memory aside (stored
 in ``schedule.meta``; :func:`auto_report` formats it):
@@ -31,7 +37,8 @@ in ``schedule.meta``; :func:`auto_report` formats it):
     LB = max( max_r (head_r + work_r),  Σ_s (F_s + P1_s) + 2 Σ_{s<S-1} comm_s + P2_0 )
 
 where ``work_r`` is all compute on rank r and ``head_r`` the earliest its first
-forward's input can arrive. ``meta["gap"] = makespan / LB - 1`` bounds the distance to
+forward's input can arrive (a message at the turn of a V costs nothing; where B is cheaper,
+each backward counts at min(P1 + P2, B)). ``meta["gap"] = makespan / LB - 1`` bounds the distance to
 the optimum for that instance. On unit costs (p=4, m=8) auto reaches the ZB-H1 makespan
 ``3m + p - 1``, which meets the first term of the bound: gap 0.
 """
@@ -41,7 +48,7 @@ from __future__ import annotations
 from .actions import Action, Schedule, place, stage_of
 from .costs import Costs
 from .greedy import list_schedule
-from .lowering import lower_comm
+from .lowering import fuse_backward, lower_comm
 from .overlap import choose_carry, period, trailing_p2
 from .walk import walk
 
@@ -201,6 +208,48 @@ def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int
     return None, evals
 
 
+def _fused_everywhere(costs: Costs, num_stages: int) -> Costs:
+    """``costs`` with P1 + P2 replaced by the cheaper of them and B on every stage (for the bound)."""
+    p1 = [min(costs.at("P1", s), costs.at("B", s)) for s in range(num_stages)]
+    p2 = [max(0.0, min(costs.at("P1", s) + costs.at("P2", s), costs.at("B", s)) - p1[s]) for s in range(num_stages)]
+    return Costs(F=[costs.at("F", s) for s in range(num_stages)], P1=p1, P2=p2, B=None,
+                 comm=[costs.at("comm", s) for s in range(num_stages)])
+
+
+def _fusing_pays(costs: Costs, num_stages: int) -> bool:
+    """Whether a fused backward costs less than P1 + P2 on some stage (then a P2 that fills no
+    idle time is better not split off)."""
+    return costs.B is not None and any(costs.at("B", s) < costs.at("P1", s) + costs.at("P2", s) - 1e-15
+                                       for s in range(num_stages))
+
+
+def _first_improving_fuse(sched: Schedule, span: float, costs: Costs, budget: int,
+                          score) -> tuple[tuple[Schedule, float] | None, int]:
+    """Try fusing one micro-batch's backward on one chunk back into ``B`` (its P1 becomes B in
+    place, its P2 goes); return the first fusion that lowers ``score`` and the simulations spent.
+    Fusing never raises what a rank holds (B frees its micro-batch at once)."""
+    evals = 0
+    for r, acts in enumerate(sched.ranks):
+        cheaper = {c for c in range(sched.chunks)
+                   if costs.at("B", sched.stage_of(r, c)) < costs.at("P1", sched.stage_of(r, c))
+                   + costs.at("P2", sched.stage_of(r, c)) - 1e-15}
+        for i, a in enumerate(acts):
+            if a.kind != "P1" or a.chunk not in cheaper:
+                continue
+            j = next((k for k, x in enumerate(acts) if x.kind == "P2" and x.chunk == a.chunk and x.mbs == a.mbs), None)
+            if j is None:
+                continue  # a P2 in a batch (never, after _split_p2) or carried elsewhere
+            trial = [Action("B", a.mbs, a.chunk) if k == i else x for k, x in enumerate(acts) if k != j]
+            if evals >= budget:
+                return None, evals
+            cand = _clamped(sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:]))
+            evals += 1
+            t = score(cand)
+            if t < span - 1e-12:
+                return (cand, t), evals
+    return None, evals
+
+
 def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Costs,
                   memory_limit: int | None = None, max_evals: int = 3000,
                   overlap_steps: bool = False, layout: str = "loop") -> Schedule:
@@ -213,6 +262,9 @@ def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Cos
     ``meta`` reports the ``period`` and its lower bound (the busiest rank's work)."""
     p, m, v = stages, microbatches, chunks
     cands = _candidates(p, m, v, costs, memory_limit, layout)
+    fuse = _fusing_pays(costs, p * v)
+    if fuse:  # where B is cheaper than P1 + P2, each candidate with no backward split competes too
+        cands += [fuse_backward(c).replace(name=f"{c.name}-fused") for c in cands]
     if not cands:
         raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch "
                          f"chunks per rank; raise memory_limit (1 always fits)")
@@ -233,9 +285,15 @@ def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Cos
     best_t, _, best = scored[0]
     start_name = best.name
     evals = 0
+    if fuse:  # the bound assumes a split backward; a fused one may go below it
+        lb = min(lb, (period_lower_bound if overlap_steps else lower_bound)(
+            stages=p, chunks=v, microbatches=m, costs=_fused_everywhere(costs, p * v), layout=layout))
     while best_t > lb * (1 + 1e-9) and evals < max_evals:  # at the bound nothing improves
         found, used = _first_improving_move(best, best_t, costs, memory_limit, max_evals - evals, score)
         evals += used
+        if found is None and fuse:
+            found, used = _first_improving_fuse(best, best_t, costs, max_evals - evals, score)
+            evals += used
         if found is None:
             break
         best, best_t = found

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, fields
 from typing import Mapping, Sequence, Union
 
-__all__ = ["Costs", "MemorySizes", "as_costs", "median_costs", "PROBE_STEPS", "UNIT_COSTS"]
+__all__ = ["Costs", "MemorySizes", "as_costs", "median_costs", "with_fused_backward", "PROBE_STEPS", "UNIT_COSTS"]
 
 Number = Union[int, float]
 PerStage = Union[Number, Sequence[Number]]
@@ -136,6 +136,17 @@ def median_costs(measured: Sequence[Mapping]) -> dict:
             out[kind] = [statistics.median(col) for col in zip(*vals)]
         else:
             out[kind] = statistics.median(vals)
+    return out
+
+
+def with_fused_backward(split: Mapping, fused: Mapping) -> dict:
+    """A split run's measured costs (F, P1, P2, comm) with the fused backward ``B`` a run of the
+    same schedule without 2BP measured. ``auto`` then keeps a micro-batch's backward fused
+    wherever its P2 would fill no idle time and B costs less than P1 + P2 (on a CPU the weight
+    gradient computed right after dX finds its inputs still in cache)."""
+    out = dict(split)
+    if "B" in fused:
+        out["B"] = fused["B"]
     return out
 
 
