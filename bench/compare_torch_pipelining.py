@@ -80,23 +80,25 @@ def throughput_table(cfg: CompareConfig, results: list[ContenderResult]) -> tupl
     best_ours = min(ours_2bp, key=lambda r: r.median_step) if ours_2bp else None
     unit = _unit(cfg.model)
     items = _items(cfg)
-    lines = [f"| implementation | schedule | carry | {unit}/s | median step | vs torch Schedule1F1B (paired: median "
+    lines = [f"| implementation | schedule | carry | fused B | {unit}/s | median step | vs torch Schedule1F1B (paired: median "
              f"[min, max]) | vs torch's best ({best_torch.contender.schedule if best_torch else '-'}) | "
              "peak saved activations per rank | final loss |",
-             "|---|---|---|---:|---:|---|---|---|---:|"]
+             "|---|---|---|---|---:|---:|---|---|---|---:|"]
     for r in results:
         c = r.contender
         name = c.schedule if c.implementation == "torch" else (c.base_schedule + (" +2BP" if c.twobp else ""))
         if c.implementation == "torch" and c.modules == "twobp":
             name += " (twobp modules)"
         if r.error is not None:
-            lines.append(f"| {c.implementation} | {name} | | failed | | `{r.error[:120]}` | | | |")
+            lines.append(f"| {c.implementation} | {name} | | | failed | | `{r.error[:120]}` | | | |")
             continue
         vs_ref = "{:.3f}x [{:.3f}, {:.3f}]".format(*paired_ratio(r, ref)) if ref else "-"
         vs_best = "{:.3f}x".format(paired_ratio(r, best_torch)[0]) if best_torch else "-"
         mem = " / ".join(format_bytes(b) for b in r.peak_saved_bytes) if r.peak_saved_bytes else "-"
         carry = ",".join(map(str, r.extra.get("carry") or [])) or "-"
-        lines.append(f"| {c.implementation} | {name} | {carry} | {items / r.median_step:,.0f} | "
+        fused = r.extra.get("fused")
+        fused = f"{fused[0]} of {fused[1]}" if fused else "-"
+        lines.append(f"| {c.implementation} | {name} | {carry} | {fused} | {items / r.median_step:,.0f} | "
                      f"{r.median_step * 1e3:,.0f} ms | {vs_ref} | {vs_best} | {mem} | {r.losses[-1]:.5f} |")
     head = {}
     if best_ours and best_torch:
@@ -164,6 +166,7 @@ def json_rows(cfg: CompareConfig, results: list[ContenderResult]) -> list[dict]:
             row.update({f"{unit}_per_s": items / r.median_step, "median_step_s": r.median_step,
                         "step_seconds": r.step_seconds, "peak_saved_bytes": r.peak_saved_bytes,
                         "loss": r.losses[-1], "losses": r.losses, "carry": r.extra.get("carry"),
+                        "fused_backwards": r.extra.get("fused"),
                         "breakdown_s": r.breakdown,
                         "vs_torch_1f1b": paired_ratio(r, ref)[0] if ref else None})
         rows.append(row)
@@ -306,7 +309,9 @@ def main(argv=None) -> int:
         f"- method: all contenders in the same processes, alternating step by step ({args.rounds} timed rounds "
         f"after {args.warmup} warm-up, order rotated per round); step = rank 0's wall time between barriers "
         "around schedule + optimizer step; ratios are medians of per-round ratios. Memory: peak bytes of "
-        "saved activations per rank (autograd's saved tensors + the twobp store, storages once), one extra step.",
+        "saved activations per rank (autograd's saved tensors + the twobp store, storages once), one extra step. "
+        "Fused B: of a 2BP schedule's backwards (micro-batch x chunk), how many auto kept fused (the measured B "
+        "was cheaper than P1 + P2 and the P2 would have filled no idle time).",
         "- host allocator, every rank and contender: " + ("glibc's default (`--malloc-default`)" if args.malloc_default
                                                           else "freed memory kept in the process "
                                                                "(`twobp.keep_freed_host_memory`)"),

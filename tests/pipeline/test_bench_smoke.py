@@ -43,6 +43,11 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
                    ("torch", "ScheduleInterleavedZeroBubble", False), ("torch", "ScheduleZBVZeroBubble", False)}
     for r in rows:
         assert "error" not in r, r
+        if r["implementation"] == "twobp" and r["twobp"]:  # every backward counted once, fused or split
+            chunks = 2 if r["schedule"] in ("auto-x2", "auto-x2h1", "auto-v", "auto-vh1") else 1
+            assert r["fused_backwards"][1] == 2 * 4 * chunks and 0 <= r["fused_backwards"][0] <= 2 * 4 * chunks, r
+        else:
+            assert r["fused_backwards"] is None, r
         assert r["tokens_per_s"] > 0 and len(r["peak_saved_bytes"]) == 2 and min(r["peak_saved_bytes"]) > 0
         assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
         assert set(r["breakdown_s"][0]) >= {"wall", "F", "wait", "other"}

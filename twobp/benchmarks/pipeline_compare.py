@@ -503,8 +503,12 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
             vals = [p.get(kind, 0.0) for p in parts[c]]
             bd[kind] = statistics.median(vals) if vals else 0.0
         bd["other"] = max(0.0, bd["wall"] - sum(bd[k] for k in _KINDS if k != "other"))
-        carry = list(runners[c].schedule.carry) if isinstance(runners[c], _OursRunner) else []
-        out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry,
+        ours = isinstance(runners[c], _OursRunner)
+        carry = list(runners[c].schedule.carry) if ours else []
+        # of a 2BP schedule's backwards (micro-batch x chunk, all ranks), how many auto kept fused
+        acts = [a for rank in runners[c].schedule.ranks for a in rank] if ours and c.twobp else []
+        fused = [sum(a.kind == "B" for a in acts), sum(a.kind in ("B", "P1") for a in acts)] if acts else None
+        out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry, fused=fused,
                             costs=costs.get(c.chunks) if c.twobp else None, profile=profiles.get(c),
                             cuts={n: list(b) for n, b in cuts.items()})
     return out
@@ -530,7 +534,7 @@ def run_compare(cfg: CompareConfig) -> list[ContenderResult]:
         results.append(ContenderResult(
             c, losses, rows[0]["walls"], [r["breakdown"] for r in rows],
             [r["peak"] for r in rows] if rows[0]["peak"] is not None else None,
-            extra={"carry": rows[0]["carry"], "costs": rows[0]["costs"], "cuts": rows[0]["cuts"],
+            extra={"carry": rows[0]["carry"], "fused": rows[0]["fused"], "costs": rows[0]["costs"], "cuts": rows[0]["cuts"],
                    "profiles": [r["profile"] for r in rows]}))
     return results
 
