@@ -45,3 +45,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{int(bad.sum())} of {a.numel()} elements out of tolerance, e.g. at {idx}; "
             f"worst flat index {worst}: got {a.flatten()[worst].item():.6g}, "
             f"expected {e.flatten()[worst].item():.6g}")
+
+
+def assert_covers_all_work(schedule, split: bool | None) -> None:
+    """Every (micro-batch, chunk) of every rank has exactly one F and its backward exactly once:
+    P1 and P2 (``split=True``), B (``False``), or either (``None``: auto may keep some fused)."""
+    import itertools
+
+    for r, acts in enumerate(schedule.ranks):
+        counts: dict = {}
+        for a in acts:
+            for mb in a.mbs:
+                counts[(a.kind, mb, a.chunk)] = counts.get((a.kind, mb, a.chunk), 0) + 1
+        for mb, c in itertools.product(range(schedule.microbatches), range(schedule.chunks)):
+            got = {k: counts.get((k, mb, c), 0) for k in ("F", "B", "P1", "P2")}
+            fused, halves = got == {"F": 1, "B": 1, "P1": 0, "P2": 0}, got == {"F": 1, "B": 0, "P1": 1, "P2": 1}
+            ok = halves if split else fused if split is False else fused or halves
+            assert ok, f"rank {r}, micro-batch {mb}, chunk {c}: {got}"

@@ -86,6 +86,7 @@ def _parse_variants(text: str):
 
 
 def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    from .pipeline.actions import LAYOUTS
     from .train import JobConfig
 
     d = JobConfig()
@@ -107,7 +108,7 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g = p.add_argument_group("pipeline")
     g.add_argument("--stages", type=int, default=d.stages, help="pipeline ranks (processes)")
     g.add_argument("--chunks", type=int, default=d.chunks, help="model chunks per rank (interleaved, auto, gpipe)")
-    g.add_argument("--layout", choices=("loop", "v"), default=d.layout,
+    g.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                    help="chunk placement with --chunks > 1: loop (stage c*p + r, Megatron's) or v (ZB-V's: rank r "
                         "runs stages r and 2p-1-r, so rank 0 holds the first and the last; auto and gpipe only)")
     g.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")

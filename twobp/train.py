@@ -127,8 +127,9 @@ class JobConfig:
             raise ValueError(f"batch_size={self.batch_size} must split into dp={self.dp} equal replica shares of at "
                              f"least microbatches={self.microbatches} rows; use --batch-size "
                              f"{self.dp * self.microbatches} or a multiple of it")
-        if self.layout not in ("loop", "v"):
-            raise ValueError(f"layout must be loop or v, got {self.layout!r}")
+        from .pipeline.actions import LAYOUTS
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float))

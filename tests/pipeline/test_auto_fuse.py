@@ -6,6 +6,8 @@ import pytest
 from twobp.pipeline import Costs, make_schedule, simulate, validate, with_fused_backward
 from twobp.pipeline.auto import _peak_held
 
+from checks import assert_covers_all_work
+
 
 def _kinds(s):
     return {k: sum(1 for acts in s.ranks for a in acts if a.kind == k) for k in ("B", "P1", "P2")}
@@ -20,7 +22,8 @@ def test_a_slightly_cheaper_fused_backward_is_used_where_p2_fills_nothing(p, m, 
     validate(s)
     k = _kinds(s)
     assert k["B"] > 0 and k["P1"] > 0 and k["P2"] > 0, k  # a mix: some fused, some split
-    assert k["B"] + k["P1"] == p * m * v  # every backward exactly once
+    assert k["B"] + k["P1"] == p * m * v
+    assert_covers_all_work(s, split=None)  # every backward exactly once, fused or split
     assert simulate(s, cheap).makespan < simulate(s_split, cheap).makespan  # fusing bought time
     assert _kinds(s_split)["B"] == 0  # with B = P1 + P2 nothing is fused
 

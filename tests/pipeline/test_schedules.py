@@ -1,6 +1,5 @@
 """Schedules as data: text round trip, generators, validator rejections, lowering passes."""
 
-import itertools
 import re
 import warnings
 
@@ -13,6 +12,8 @@ from twobp.pipeline import (
     merge_p2, parse_action, validate,
 )
 from twobp.pipeline.actions import B, F, P1, P2
+
+from checks import assert_covers_all_work
 
 CASES = [(name, twobp, p, m, v)
          for name in SCHEDULE_NAMES for twobp in (False, True)
@@ -207,18 +208,7 @@ def test_make_schedule_errors_and_warnings():
 
 def test_every_schedule_covers_all_work_exactly_once():
     for name, twobp, p, m, v in CASES[::3]:
-        s = make_schedule(name, stages=p, microbatches=m, twobp=twobp, chunks=v)
-        for acts in s.ranks:
-            counts = {}
-            for a in acts:
-                for mb in a.mbs:
-                    counts[(a.kind, mb, a.chunk)] = counts.get((a.kind, mb, a.chunk), 0) + 1
-            for mb, c in itertools.product(range(m), range(v)):
-                assert counts.get(("F", mb, c)) == 1
-                if twobp:
-                    assert counts.get(("P1", mb, c)) == 1 and counts.get(("P2", mb, c)) == 1
-                else:
-                    assert counts.get(("B", mb, c)) == 1
+        assert_covers_all_work(make_schedule(name, stages=p, microbatches=m, twobp=twobp, chunks=v), split=twobp)
 
 
 def test_generated_schedules_keep_fifo_order_per_rank_pair():

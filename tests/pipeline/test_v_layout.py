@@ -16,6 +16,8 @@ from twobp.pipeline.lowering import receive_in_send_order
 from twobp.pipeline.overlap import period, unroll
 from twobp.pipeline.validate import fifo_violations
 
+from checks import assert_covers_all_work
+
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p,v", [(1, 2), (2, 2), (3, 3), (4, 2), (4, 4)])
@@ -74,14 +76,7 @@ def test_v_schedules_validate_cover_all_work_and_receive_in_send_order_for_nccl(
     assert sorted(map(str, itertools.chain(*fixed.ranks))) == sorted(map(str, itertools.chain(*lowered.ranks)))
     costs = Costs(F=1, P1=1.2, P2=0.7, comm=0.1)
     assert simulate(fixed, costs).makespan == pytest.approx(simulate(lowered, costs).makespan)  # no one waits longer
-    for acts in s.ranks:
-        counts = {}
-        for a in acts:
-            for mb in a.mbs:
-                counts[(a.kind, mb, a.chunk)] = counts.get((a.kind, mb, a.chunk), 0) + 1
-        for mb, c in itertools.product(range(m), range(v)):
-            kinds = ("F", "P1", "P2") if twobp else ("F", "B")
-            assert all(counts.get((k, mb, c)) == 1 for k in kinds), (mb, c, counts)
+    assert_covers_all_work(s, split=twobp)
 
 
 def test_the_turn_of_the_v_needs_no_message():

@@ -45,6 +45,8 @@ the optimum for that instance. On unit costs (p=4, m=8) auto reaches the ZB-H1 m
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 from .actions import Action, Schedule, place, stage_of
 from .costs import Costs
 from .greedy import list_schedule
@@ -163,26 +165,20 @@ def _candidates(p: int, m: int, v: int, costs: Costs, limit: int | None, layout:
             if limit is None or max(_peak_held(a) for a in s.ranks) <= limit]
 
 
-def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int | None,
-                          budget: int, score=None) -> tuple[tuple[Schedule, float] | None, int]:
-    """Try moving one single-micro-batch P2 to another legal slot on its rank (or, with
-    carry, carrying one P2 more or less); return the first move that lowers ``score``
-    (default: the makespan) and the simulations spent."""
-    score = score or (lambda s: _makespan(s, costs))
-    evals = 0
+def _with_rank(sched: Schedule, r: int, acts) -> Schedule:
+    """``sched`` with rank ``r``'s list replaced (carry cut to what the list still ends with)."""
+    return _clamped(sched.replace(ranks=sched.ranks[:r] + (tuple(acts),) + sched.ranks[r + 1:]))
+
+
+def _p2_moves(sched: Schedule, limit: int | None) -> Iterator[Schedule]:
+    """Every schedule one step away: (with carry) one P2 more or less carried on a rank, then one
+    single-micro-batch P2 moved to another legal slot on its rank within the memory limit."""
     if sched.carry:
         for r in range(1, sched.stages):
             for d in (1, -1):
                 k = sched.carried(r) + d
-                if not 0 <= k <= trailing_p2(sched.ranks[r]):
-                    continue
-                if evals >= budget:
-                    return None, evals
-                cand = sched.replace(carry=sched.carry[:r] + (k,) + sched.carry[r + 1:])
-                evals += 1
-                t = score(cand)
-                if t < span - 1e-12:
-                    return (cand, t), evals
+                if 0 <= k <= trailing_p2(sched.ranks[r]):
+                    yield sched.replace(carry=sched.carry[:r] + (k,) + sched.carry[r + 1:])
     for r, acts in enumerate(sched.ranks):
         acts = list(acts)
         for i, a in enumerate(acts):
@@ -196,15 +192,42 @@ def _first_improving_move(sched: Schedule, span: float, costs: Costs, limit: int
                 if j == i or (j < len(rest) and rest[j].kind == "P2"):
                     continue
                 trial = rest[:j] + [a] + rest[j:]
-                if limit is not None and _peak_held(trial) > limit:
-                    continue
-                if evals >= budget:
-                    return None, evals
-                cand = _clamped(sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:]))
-                evals += 1
-                t = score(cand)
-                if t < span - 1e-12:
-                    return (cand, t), evals
+                if limit is None or _peak_held(trial) <= limit:
+                    yield _with_rank(sched, r, trial)
+
+
+def _b_cheaper(costs: Costs, stage: int) -> bool:
+    """Whether a fused backward costs less than P1 + P2 on ``stage`` (a measured B)."""
+    return costs.B is not None and costs.at("B", stage) < costs.at("P1", stage) + costs.at("P2", stage) - 1e-15
+
+
+def _fusions(sched: Schedule, costs: Costs) -> Iterator[Schedule]:
+    """Every schedule with one micro-batch's backward on one chunk fused back into ``B`` (its P1
+    becomes B in place, its P2 goes), where B is cheaper. Fusing never raises what a rank holds
+    (B frees its micro-batch at once)."""
+    for r, acts in enumerate(sched.ranks):
+        cheaper = {c for c in range(sched.chunks) if _b_cheaper(costs, sched.stage_of(r, c))}
+        for i, a in enumerate(acts):
+            if a.kind != "P1" or a.chunk not in cheaper:
+                continue
+            j = next((k for k, x in enumerate(acts) if x.kind == "P2" and x.chunk == a.chunk and x.mbs == a.mbs), None)
+            if j is not None:  # None: its P2 is in a batch (never, after _split_p2)
+                yield _with_rank(sched, r, [Action("B", a.mbs, a.chunk) if k == i else x
+                                            for k, x in enumerate(acts) if k != j])
+
+
+def _first_better(cands: Iterable[Schedule], span: float, budget: int,
+                  score) -> tuple[tuple[Schedule, float] | None, int]:
+    """The first of ``cands`` whose ``score`` is below ``span`` (and it), within ``budget``
+    simulations; and the simulations spent."""
+    evals = 0
+    for cand in cands:
+        if evals >= budget:
+            return None, evals
+        evals += 1
+        t = score(cand)
+        if t < span - 1e-12:
+            return (cand, t), evals
     return None, evals
 
 
@@ -214,40 +237,6 @@ def _fused_everywhere(costs: Costs, num_stages: int) -> Costs:
     p2 = [max(0.0, min(costs.at("P1", s) + costs.at("P2", s), costs.at("B", s)) - p1[s]) for s in range(num_stages)]
     return Costs(F=[costs.at("F", s) for s in range(num_stages)], P1=p1, P2=p2, B=None,
                  comm=[costs.at("comm", s) for s in range(num_stages)])
-
-
-def _fusing_pays(costs: Costs, num_stages: int) -> bool:
-    """Whether a fused backward costs less than P1 + P2 on some stage (then a P2 that fills no
-    idle time is better not split off)."""
-    return costs.B is not None and any(costs.at("B", s) < costs.at("P1", s) + costs.at("P2", s) - 1e-15
-                                       for s in range(num_stages))
-
-
-def _first_improving_fuse(sched: Schedule, span: float, costs: Costs, budget: int,
-                          score) -> tuple[tuple[Schedule, float] | None, int]:
-    """Try fusing one micro-batch's backward on one chunk back into ``B`` (its P1 becomes B in
-    place, its P2 goes); return the first fusion that lowers ``score`` and the simulations spent.
-    Fusing never raises what a rank holds (B frees its micro-batch at once)."""
-    evals = 0
-    for r, acts in enumerate(sched.ranks):
-        cheaper = {c for c in range(sched.chunks)
-                   if costs.at("B", sched.stage_of(r, c)) < costs.at("P1", sched.stage_of(r, c))
-                   + costs.at("P2", sched.stage_of(r, c)) - 1e-15}
-        for i, a in enumerate(acts):
-            if a.kind != "P1" or a.chunk not in cheaper:
-                continue
-            j = next((k for k, x in enumerate(acts) if x.kind == "P2" and x.chunk == a.chunk and x.mbs == a.mbs), None)
-            if j is None:
-                continue  # a P2 in a batch (never, after _split_p2) or carried elsewhere
-            trial = [Action("B", a.mbs, a.chunk) if k == i else x for k, x in enumerate(acts) if k != j]
-            if evals >= budget:
-                return None, evals
-            cand = _clamped(sched.replace(ranks=sched.ranks[:r] + (tuple(trial),) + sched.ranks[r + 1:]))
-            evals += 1
-            t = score(cand)
-            if t < span - 1e-12:
-                return (cand, t), evals
-    return None, evals
 
 
 def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Costs,
@@ -262,7 +251,7 @@ def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Cos
     ``meta`` reports the ``period`` and its lower bound (the busiest rank's work)."""
     p, m, v = stages, microbatches, chunks
     cands = _candidates(p, m, v, costs, memory_limit, layout)
-    fuse = _fusing_pays(costs, p * v)
+    fuse = any(_b_cheaper(costs, st) for st in range(p * v))
     if fuse:  # where B is cheaper than P1 + P2, each candidate with no backward split competes too
         cands += [fuse_backward(c).replace(name=f"{c.name}-fused") for c in cands]
     if not cands:
@@ -289,10 +278,10 @@ def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Cos
         lb = min(lb, (period_lower_bound if overlap_steps else lower_bound)(
             stages=p, chunks=v, microbatches=m, costs=_fused_everywhere(costs, p * v), layout=layout))
     while best_t > lb * (1 + 1e-9) and evals < max_evals:  # at the bound nothing improves
-        found, used = _first_improving_move(best, best_t, costs, memory_limit, max_evals - evals, score)
+        found, used = _first_better(_p2_moves(best, memory_limit), best_t, max_evals - evals, score)
         evals += used
         if found is None and fuse:
-            found, used = _first_improving_fuse(best, best_t, costs, max_evals - evals, score)
+            found, used = _first_better(_fusions(best, costs), best_t, max_evals - evals, score)
             evals += used
         if found is None:
             break

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from .actions import LAYOUTS
 from .costs import Costs
 from .generators import SCHEDULE_NAMES, make_schedule
 from .simulate import simulate
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batches per step m")
     ap.add_argument("-v", "--chunks", type=int, default=1,
                     help="model chunks per rank (interleaved-1f1b, gpipe, auto); default 1")
-    ap.add_argument("--layout", choices=("loop", "v"), default="loop",
+    ap.add_argument("--layout", choices=LAYOUTS, default="loop",
                     help="chunk placement with --chunks > 1: loop (stage c*p + r) or v (ZB-V's: rank r runs "
                          "stages r and 2p-1-r; auto and gpipe only); default loop")
     ap.add_argument("--schedules", default=_DEFAULT_SET,
