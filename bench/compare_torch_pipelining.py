@@ -211,6 +211,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ratio(x: float | None) -> str:
+    """A summary cell: the ratio, or '-' where the run had no contender to form it."""
+    return "-" if x is None or x != x else f"{x:.3f}x"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
@@ -291,8 +296,8 @@ def main(argv=None) -> int:
                "|---|---:|---|---|---:|---:|---|---|---|---|---:|"]
     for cfg, h in heads:
         summary.append(f"| {cfg.model}/{cfg.preset} | {cfg.microbatches} | {h.get('best_ours', '-')} | "
-                       f"{h.get('best_torch', '-')} | {h.get('best_ours_vs_best_torch', float('nan')):.3f}x | "
-                       f"{h.get('ours_1f1b_vs_torch_1f1b', float('nan')):.3f}x | "
+                       f"{h.get('best_torch', '-')} | {_ratio(h.get('best_ours_vs_best_torch'))} | "
+                       f"{_ratio(h.get('ours_1f1b_vs_torch_1f1b'))} | "
                        f"{format_bytes(h['best_ours_peak']) if 'best_ours_peak' in h else '-'} | "
                        f"{format_bytes(h['torch_zb_min_peak']) if 'torch_zb_min_peak' in h else '-'} | "
                        + (f"{h['best_lean']}: {h['best_lean_vs_best_torch']:.3f}x | " if "best_lean" in h else "- | ")

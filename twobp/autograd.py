@@ -3,8 +3,11 @@
 ``split_apply(op, owner, label, inputs, params)`` runs ``op.forward`` and wires its
 backward:
 
-* **Outside a split region** the module is exactly its torch twin under autograd: backward
-  runs p1 and p2 together (``op.fused_grads``) and returns the parameter gradients.
+* **Outside a split region** the module is exactly its torch twin under autograd. On the
+  torch backend it *runs* as its twin where torch has the op (``op.native_forward``: one
+  aten call, whose C++ autograd node computes the fused backward with no Python per op);
+  otherwise (Triton, attention, the scan) backward runs p1 and p2 together
+  (``op.fused_grads``) and returns the parameter gradients.
 * **Inside** ``split_backward(microbatch=i)`` (and when some parameter trains) the p2 set
   goes into the activation store under ``(owner, i)``. Backward runs p1 and returns input
   gradients only; it deposits dy (or the op's partials) for :func:`twobp.backward_p2`. The
@@ -192,11 +195,9 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
     if not torch.is_grad_enabled():
         if split is not None and any(p_needs) and _under_reentrant_checkpoint():
             _warn_split_off(label)
-        out, _, _ = op.forward(inputs, compute_params, save_p1=False, save_p2=False)
-        return out
+        return _forward_only(op, inputs, compute_params)
     if not any(t is not None and t.requires_grad for t in (*inputs, *compute_params)):
-        out, _, _ = op.forward(inputs, compute_params, save_p1=False, save_p2=False)
-        return out
+        return _forward_only(op, inputs, compute_params)
     if split is not None and any(p_needs) and not _in_backward():
         _refuse_ddp_forward(label)
         # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
@@ -206,7 +207,28 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         args = tuple(p.detach() if p is not None else None for p in compute_params)
         return _SplitFunction.apply(op, owner, label, len(inputs), split, p_needs, params, *inputs, *args,
                                     _anchor())
+    if not _saved_tensor_hooks_active():
+        out = op.native_forward(inputs, compute_params)
+        if out is not None:
+            return out
     return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *compute_params)
+
+
+def _forward_only(op: SplitOp, inputs: tuple, params: tuple) -> Tensor:
+    """The output with nothing saved (no graph will need it)."""
+    out = op.native_forward(inputs, params)
+    if out is None:
+        out, _, _ = op.forward(inputs, params, save_p1=False, save_p2=False)
+    return out
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are on (torch.utils.checkpoint without reentrancy, offloading,
+    a memory meter). Normal mode then keeps the split Function: a checkpointed forward and its
+    recomputation inside backward must save the same tensors, and the recomputation cannot
+    know whether its forward ran inside a split region, so both take the one path whose
+    saving is the same in either mode."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _under_reentrant_checkpoint() -> bool:

@@ -18,7 +18,13 @@ along with dX in one pass (LayerNorm on the torch backend) may instead return *p
 a small dict that p2 reduces into ``.grad`` (``param_grads`` then receives the partials
 as its saved set and None as dy), so p1 frees X and dy at once.
 
-``fused_grads`` is normal mode (no split region): p1 and p2 of one micro-batch at once,
+``native_forward`` is normal mode on the torch backend: where torch has the op itself
+(F.linear, F.layer_norm, F.rms_norm, F.conv2d, F.embedding), the module *is* its torch
+twin outside a split region: one aten call under autograd, whose C++ node runs the fused
+backward with no Python in it. It returns None where the Triton backend runs, or where
+the op has no such twin; then the split Function runs the contract in both modes.
+
+``fused_grads`` is normal mode (no split region) otherwise: p1 and p2 of one micro-batch at once,
 returning fresh gradient tensors for autograd to accumulate. Its default runs the two
 halves; ops override it where one call computes both for less (one aten backward with a
 full output mask, no zero-filled buffer per parameter).
@@ -70,6 +76,12 @@ class SplitOp(abc.ABC):
             f"{type(self).__name__} has no differentiable_forward, so double backward "
             "(create_graph=True) through it is not supported; compute higher-order gradients "
             "through the torch module instead (twobp.revert)")
+
+    def native_forward(self, inputs: tuple[Tensor, ...], params: tuple[Tensor | None, ...]) -> Tensor | None:
+        """Normal mode on the torch backend: the output through torch's own differentiable op,
+        validated as ``forward`` validates; None where this op or backend has none (the
+        default), so the split Function runs instead."""
+        return None
 
     def split_input_grads(self, dy: Tensor, saved: Saved, params: tuple[Tensor | None, ...],
                           needs: tuple[bool, ...], p_needs: tuple[bool, ...]

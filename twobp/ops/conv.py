@@ -197,8 +197,28 @@ class Conv2dOp(SplitOp):
     def _geometry(self, weight: Tensor) -> dict:
         return dict(stride=self.stride, padding=self.explicit_padding(weight.shape[2:]), dilation=self.dilation)
 
+    def native_forward(self, inputs, params):
+        (x,), (weight, bias) = inputs, params
+        if gemm_backend(x.device, x.dtype, "conv2d") != "torch":
+            return None
+        geo = self._checked_geometry(x, weight, bias)
+        return conv2d_fwd_ref(x, weight, bias, **geo)
+
     def forward(self, inputs, params, *, save_p1, save_p2):
         (x,), (weight, bias) = inputs, params
+        geo = self._checked_geometry(x, weight, bias)
+        if gemm_backend(x.device, x.dtype, "conv2d") == "triton":
+            from ..kernels.conv import conv2d_fwd
+            y = conv2d_fwd(x, weight, bias, **geo)
+        else:
+            y = conv2d_fwd_ref(x, weight, bias, **geo)
+        # p1 needs the input's shape only: a zero-element tensor carries it at no storage cost
+        p1 = {"x_shape": x.new_empty((*x.shape, 0))} if save_p1 else {}
+        p2 = {"x": x.contiguous()} if save_p2 else {}
+        return y, p1, p2
+
+    def _checked_geometry(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> dict:
+        """Validate x against the weight and the op's geometry; the geometry for the calls."""
         if x.dim() != 4:
             raise ValueError(f"conv2d: input must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
         if weight.dim() != 4 or x.shape[1] != weight.shape[1]:
@@ -212,15 +232,7 @@ class Conv2dOp(SplitOp):
             raise ValueError(
                 f"conv2d: input {x.shape[2]}x{x.shape[3]} padded by {geo['padding']} ((top, bottom), (left, right)) "
                 f"is smaller than the dilated kernel {extent[0]}x{extent[1]}; pad more or use a smaller kernel")
-        if gemm_backend(x.device, x.dtype, "conv2d") == "triton":
-            from ..kernels.conv import conv2d_fwd
-            y = conv2d_fwd(x, weight, bias, **geo)
-        else:
-            y = conv2d_fwd_ref(x, weight, bias, **geo)
-        # p1 needs the input's shape only: a zero-element tensor carries it at no storage cost
-        p1 = {"x_shape": x.new_empty((*x.shape, 0))} if save_p1 else {}
-        p2 = {"x": x.contiguous()} if save_p2 else {}
-        return y, p1, p2
+        return geo
 
     def input_grads(self, dy, saved, params, needs):
         weight = params[0]

@@ -39,6 +39,9 @@ class Conv1DOp(SplitOp):
         weight, bias = params
         return _LINEAR.forward(inputs, (_t(weight), bias), save_p1=save_p1, save_p2=save_p2)
 
+    def native_forward(self, inputs, params):
+        return _LINEAR.native_forward(inputs, (_t(params[0]), params[1]))
+
     def input_grads(self, dy, saved, params, needs):
         return _LINEAR.input_grads(dy, saved, (_t(params[0]), params[1]), needs)
 

@@ -65,17 +65,28 @@ class EmbeddingOp(SplitOp):
     name = "embedding"
     autocast = None  # torch's embedding is not an autocast op: it returns the weight's dtype
 
+    def native_forward(self, inputs, params):
+        (ids,), (weight,) = inputs, params
+        if resolve_backend(weight.device) != "torch":
+            return None
+        self._check(ids, weight)
+        return F.embedding(ids, weight, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+
     def forward(self, inputs, params, *, save_p1, save_p2):
         (ids,), (weight,) = inputs, params
+        self._check(ids, weight)
+        out = F.embedding(ids, weight, self.padding_idx)
+        p2 = {"ids": ids.reshape(-1)} if save_p2 else {}
+        return out, {}, p2
+
+    @staticmethod
+    def _check(ids: Tensor, weight: Tensor) -> None:
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"embedding: ids must be an integer tensor (int64 or int32), got {ids.dtype}; "
                             "cast with ids.long()")
         if ids.device != weight.device:
             raise ValueError(f"embedding: ids are on {ids.device} but the weight is on {weight.device}; move "
                              f"them with ids.to({str(weight.device)!r})")
-        out = F.embedding(ids, weight, self.padding_idx)
-        p2 = {"ids": ids.reshape(-1)} if save_p2 else {}
-        return out, {}, p2
 
     def input_grads(self, dy, saved, params, needs):
         return (None,)  # integer ids: no gradient

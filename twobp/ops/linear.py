@@ -45,7 +45,8 @@ def linear_dw_ref(xs: Sequence[Tensor], dys: Sequence[Tensor], dweight: Tensor |
             else:  # e.g. fp32 master gradients of fp16 activations
                 dweight.add_((dy.t().float() @ x.float()).to(dweight.dtype))
         if dbias is not None:
-            dbias.add_(dy.sum(0, dtype=torch.float32).to(dbias.dtype))
+            wide = torch.float64 if dy.dtype == torch.float64 else torch.float32  # fp32 sums for half dy
+            dbias.add_(dy.sum(0, dtype=wide).to(dbias.dtype))
 
 
 class LinearOp(SplitOp):
@@ -54,13 +55,25 @@ class LinearOp(SplitOp):
     name = "linear"
     autocast = "lower"  # under torch.autocast: run in the autocast dtype, as F.linear does
 
-    def forward(self, inputs, params, *, save_p1, save_p2):
-        (x,), (weight, bias) = inputs, params
-        n, k = weight.shape
+    @staticmethod
+    def _check(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        k = weight.shape[1]
         if x.dim() == 0 or x.shape[-1] != k:
             raise ValueError(
                 f"linear: input's last dim must be in_features={k}, got input shape {tuple(x.shape)}")
         check_same_dtype_device("linear", x, weight=weight, bias=bias)
+
+    def native_forward(self, inputs, params):
+        (x,), (weight, bias) = inputs, params
+        if gemm_backend(x.device, x.dtype, "linear") != "torch":
+            return None
+        self._check(x, weight, bias)
+        return linear_fwd_ref(x, weight, bias)
+
+    def forward(self, inputs, params, *, save_p1, save_p2):
+        (x,), (weight, bias) = inputs, params
+        n, k = weight.shape
+        self._check(x, weight, bias)
         x2 = x.reshape(-1, k)
         if gemm_backend(x.device, x.dtype, "linear") == "triton":
             from ..kernels.linear import linear_fwd
