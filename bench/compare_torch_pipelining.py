@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from twobp.benchmarks.pipeline_compare import (DEFAULT_OURS, DEFAULT_TORCH, CompareConfig, ContenderResult,
-                                               losses_agree, paired_ratio, run_compare, simulated_gain)
+                                               loss_gaps_per_step, losses_agree, paired_ratio, run_compare,
+                                               simulated_gain)
 from twobp.store import format_bytes
 
 DEFAULTS = {  # model -> (preset, global batch): compute-bound at one CPU thread per rank
@@ -266,7 +267,9 @@ def main(argv=None) -> int:
         head["auto_gain"] = gain
         sections += [f"## {cfg.model}/{cfg.preset}, m = {cfg.microbatches}, batch {cfg.batch_size}", "",
                      f"Losses: largest relative gap of any contender's per-step loss vs the first = {gap:.1e} "
-                     f"({'equal' if gap <= args.rtol else 'NOT equal'} at rtol {args.rtol:g}). "
+                     f"({'equal' if gap <= args.rtol else 'NOT equal'} at rtol {args.rtol:g}"
+                     + ("" if gap <= args.rtol else "; per step: " + ", ".join(
+                         f"{g:.0e}" for g in loss_gaps_per_step(results))) + "). "
                      f"Run time {time.perf_counter() - t0:.0f} s.", "", table, "",
                      "Where the time goes (median ms per step per rank; wait = receives and waits on peers, "
                      "other = the runtime's own overhead):", "", breakdown_table(results), ""]

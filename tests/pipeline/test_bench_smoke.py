@@ -65,3 +65,19 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     assert "## Summary" in text and "Where the time goes" in text and "machine:" in text
     assert "host allocator, every rank and contender: freed memory kept in the process" in text
     assert "Stage cut (balanced; block bounds, the same for both runtimes): 2 stages [0, " in text, text
+
+
+def test_loss_gaps_per_step_show_where_contenders_part():
+    """Per step, the largest relative gap to the first contender; errored contenders are left
+    out, and losses_agree is the largest of them."""
+    from twobp.benchmarks.pipeline_compare import Contender, ContenderResult, loss_gaps_per_step, losses_agree
+
+    def res(losses, error=None):
+        return ContenderResult(Contender("twobp", "1f1b"), losses, [1.0], [], None, error=error)
+
+    results = [res([4.0, 2.0, 1.0]), res([4.0, 2.0, 1.001]), res([4.0, 2.2, 1.0]), res([9.0, 9.0, 9.0], "failed")]
+    gaps = loss_gaps_per_step(results)
+    assert gaps[0] == 0.0
+    assert gaps[1] == pytest.approx(0.1)
+    assert gaps[2] == pytest.approx(1e-3)
+    assert losses_agree(results) == pytest.approx(0.1)

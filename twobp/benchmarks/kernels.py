@@ -396,7 +396,10 @@ def main(args: argparse.Namespace) -> int:
     backend = resolve_backend(device)
     note = ("" if backend == "triton" else
             "\n\nCPU run: 'ours' is the torch reference backend of the split contract, not the Triton "
-            "kernels; figures time the split bookkeeping against fused autograd, with token counts cut down.")
+            "kernels; figures time the split bookkeeping against fused autograd, with token counts cut down. "
+            "Outside a split region the twins of linear, LayerNorm, conv2d and embedding run torch's own op "
+            "on this backend; their 'fused' row times the contract's fused backward, which runs there only "
+            "under saved-tensor hooks (checkpointing).")
     header = (f"# twobp kernel benchmark\n\nmachine: {machine}; backend: {backend}; dtype: {dtype}; "
               f"tokens: {tokens}; images: {images}; torch {torch.__version__}; "
               f"date: {_dt.date.today().isoformat()}\n\ncommand: `twobp bench kernels "

@@ -547,9 +547,18 @@ def paired_ratio(a: ContenderResult, b: ContenderResult) -> tuple[float, float, 
 
 def losses_agree(results: Sequence[ContenderResult], rtol: float = 1e-4) -> float:
     """The largest relative gap between any contender's per-step loss and the first's."""
+    return max(loss_gaps_per_step(results), default=0.0)
+
+
+def loss_gaps_per_step(results: Sequence[ContenderResult]) -> list[float]:
+    """Per step, the largest relative gap of any contender's loss to the first's. A gap that is
+    0 at the first steps and grows by a factor each step is summation order amplified by the
+    optimizer (schedules that sum micro-batches' weight gradients in another order); a lost or
+    doubled gradient shows at once, at the second step."""
     ok = [r for r in results if r.error is None]
     ref = ok[0].losses
-    return max((abs(a - b) / max(abs(a), 1e-12) for r in ok[1:] for a, b in zip(ref, r.losses)), default=0.0)
+    return [max((abs(a - r.losses[i]) / max(abs(a), 1e-12) for r in ok[1:] if i < len(r.losses)), default=0.0)
+            for i, a in enumerate(ref)]
 
 
 def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, schedule: str = "auto-2bp") -> dict | None:
