@@ -228,7 +228,12 @@ def _saved_tensor_hooks_active() -> bool:
     recomputation inside backward must save the same tensors, and the recomputation cannot
     know whether its forward ran inside a split region, so both take the one path whose
     saving is the same in either mode."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    if _TOP_HOOKS is None:  # a torch without the query: assume hooks, the path that is always safe
+        return True
+    return _TOP_HOOKS(False) is not None
+
+
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
 def _under_reentrant_checkpoint() -> bool:
