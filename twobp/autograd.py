@@ -40,12 +40,12 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from .backend import forced_backend, pinned_backend
+from .backend import forced_backend, pinned_backend, resolve_backend
 from .ops.base import SplitOp
 from .split import _SplitState, current_split
 from .store import Entry, EntryState
 
-__all__ = ["split_apply"]
+__all__ = ["split_apply", "runs_as_torch"]
 
 
 def _detached(saved: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -212,6 +212,16 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         if out is not None:
             return out
     return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *compute_params)
+
+
+def runs_as_torch(x: Tensor) -> bool:
+    """Whether a twin called on ``x`` runs as its torch module: outside any split region, on
+    the torch backend, with no saved-tensor hooks on. The twins of linear, LayerNorm and
+    conv2d then call torch's forward directly (no Python of ours per call; their own
+    validation runs only when torch's op fails, to name the fix), which is what
+    ``split_apply`` would reach through ``op.native_forward``."""
+    return (current_split() is None and isinstance(x, Tensor) and resolve_backend(x.device) == "torch"
+            and not _saved_tensor_hooks_active())
 
 
 def _forward_only(op: SplitOp, inputs: tuple, params: tuple) -> Tensor:

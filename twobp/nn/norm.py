@@ -14,7 +14,9 @@ import numbers
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from ..autograd import runs_as_torch
 from ..ops.norm import LayerNormOp, RMSNormOp
 from .base import TwoBPModule
 
@@ -64,8 +66,16 @@ class TwoBPLayerNorm(TwoBPModule, nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_last_dim_only(type(self).__name__, self.normalized_shape)  # converted modules too
-        op = LayerNormOp(eps=self.eps, normalized_size=self.normalized_shape[0])
-        return self._split(op, (input,), (self.weight, self.bias))
+        if runs_as_torch(input) and input.dtype in (torch.float32, torch.float64):
+            try:
+                return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+            except RuntimeError:
+                self._op().native_forward((input,), (self.weight, self.bias))  # the error that names the fix
+                raise
+        return self._split(self._op(), (input,), (self.weight, self.bias))
+
+    def _op(self) -> LayerNormOp:
+        return LayerNormOp(eps=self.eps, normalized_size=self.normalized_shape[0])
 
 
 class TwoBPRMSNorm(TwoBPModule, nn.RMSNorm):
