@@ -9,6 +9,8 @@ paths are checked here against float64 torch autograd, and the checkpointed one 
 combination of split and normal forwards.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.utils.checkpoint as ckpt
@@ -132,7 +134,7 @@ def test_checkpointed_twins_equal_plain_autograd(split, reentrant):
         return h.square().mean()
 
     loss_of(ref, False).backward()
-    with twobp.use_backend("torch"), pytest.warns(UserWarning) if (split and reentrant) else _nothing():
+    with twobp.use_backend("torch"), pytest.warns(UserWarning) if (split and reentrant) else contextlib.nullcontext():
         if split:
             with twobp.split_backward(microbatch=0):
                 loss = loss_of(blocks, True)
@@ -145,10 +147,3 @@ def test_checkpointed_twins_equal_plain_autograd(split, reentrant):
     for (n, p), q in zip(blocks.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -21,6 +21,16 @@ class TwoBPModule:
 
     def _split(self, op: SplitOp, inputs: Sequence[Tensor], params: Sequence[Tensor | None]) -> Tensor:
         return split_apply(op, self, self.twobp_label(), inputs, params)
+
+    @staticmethod
+    def _as_torch(forward: Callable[[], Tensor], explain: Callable[[], object]) -> Tensor:
+        """``forward()``, torch's own forward of the module; if torch's op fails, ``explain()``
+        first (the op's validation, which raises the error that names the fix), else torch's error."""
+        try:
+            return forward()
+        except RuntimeError:
+            explain()
+            raise
 
 
 def twobp_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

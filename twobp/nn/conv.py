@@ -47,12 +47,9 @@ class TwoBPConv2d(TwoBPModule, nn.Conv2d):
         _check_supported(self)  # also for modules converted by a class swap
         op = conv2d_op(self.stride, self.padding, self.dilation)
         if runs_as_torch(input) and input.dim() in (3, 4):
-            try:
-                return self._conv_forward(input, self.weight, self.bias)  # nn.Conv2d's own forward
-            except RuntimeError:
-                x = input.unsqueeze(0) if input.dim() == 3 else input
-                op.native_forward((x,), (self.weight, self.bias))  # the error that names the fix
-                raise
+            return self._as_torch(lambda: self._conv_forward(input, self.weight, self.bias),  # nn.Conv2d's own
+                                  lambda: op.native_forward((input.unsqueeze(0) if input.dim() == 3 else input,),
+                                                            (self.weight, self.bias)))
         if input.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
             return self._split(op, (input.unsqueeze(0),), (self.weight, self.bias)).squeeze(0)
         if input.dim() != 4:

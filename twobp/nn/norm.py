@@ -67,11 +67,8 @@ class TwoBPLayerNorm(TwoBPModule, nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         _check_last_dim_only(type(self).__name__, self.normalized_shape)  # converted modules too
         if runs_as_torch(input) and input.dtype in (torch.float32, torch.float64):
-            try:
-                return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-            except RuntimeError:
-                self._op().native_forward((input,), (self.weight, self.bias))  # the error that names the fix
-                raise
+            return self._as_torch(lambda: F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps),
+                                  lambda: self._op().native_forward((input,), (self.weight, self.bias)))
         return self._split(self._op(), (input,), (self.weight, self.bias))
 
     def _op(self) -> LayerNormOp:
