@@ -272,7 +272,8 @@ def main(argv=None) -> int:
                          f"{g:.0e}" for g in loss_gaps_per_step(results))) + "). "
                      f"Run time {time.perf_counter() - t0:.0f} s.", "", table, "",
                      "Where the time goes (median ms per step per rank; wait = receives and waits on peers, "
-                     "other = the runtime's own overhead):", "", breakdown_table(results), ""]
+                     "the step's closing barrier included; other = the runtime's own Python, the loss, "
+                     "allocation):", "", breakdown_table(results), ""]
         cuts = next((r.extra.get("cuts") for r in results if r.extra.get("cuts")), None)
         if cuts:
             sections += [f"Stage cut ({cfg.cut}; block bounds, the same for both runtimes): "

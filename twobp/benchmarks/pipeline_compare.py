@@ -24,9 +24,9 @@ ratio to a reference is the median of the per-round ratios (paired), shown with 
 
 **Where the time goes** (every timed step, every rank, no extra collective): compute per
 action kind (F, B = fused backward or torch's input-gradient step I, P1, P2 or torch's W),
-``wait`` (receives and waits on peers: idle plus transfer), ``send`` (posting sends),
-``optim`` (optimizer step) and ``other`` = wall − all of those (the runtime's own Python,
-barriers, allocation).
+``wait`` (receives and waits on peers: idle plus transfer, and the closing barrier's wait
+for the slowest rank), ``send`` (posting sends), ``optim`` (optimizer step) and ``other`` =
+wall − all of those (the runtime's own Python between actions, the loss, allocation).
 
 **Host allocator**: each rank keeps freed memory in the process before any contender is built
 (:func:`twobp.keep_freed_host_memory`, which twobp's executor applies on CPU anyway), so every
@@ -424,8 +424,10 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         dist.barrier()
         t0 = time.perf_counter()
         loss = runners[c].step(x, y, timer, measure=measure)
-        dist.barrier()
+        t_done = time.perf_counter()
+        dist.barrier()  # waiting here for the slowest rank is idle time: counted as wait
         wall = time.perf_counter() - t0
+        timer.add("wait", wall - (t_done - t0))
         steps_done[c] += 1
         losses[c].append(loss)
         timer.acc["wall"] = wall
