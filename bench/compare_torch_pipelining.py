@@ -63,6 +63,16 @@ def _realised(gain: dict, short: bool = False) -> str:
     return f"{gain['realised']:.0%}" if short else f"realises {gain['realised']:.0%} of the simulated gain"
 
 
+def _plan_fidelity(gain: dict) -> str:
+    """Where the shortfall lies: the costs grew in the timed steps, or the executor missed its plan."""
+    if "plan_step" not in gain:
+        return ""
+    return (f" Its timed steps measured compute {gain['cost_growth'] - 1:+.1%} against the probe's costs; "
+            f"on those costs the same plan takes {gain['plan_step'] * 1e3:,.0f} ms a step (optimizer "
+            f"included) and the run took {gain['step'] * 1e3:,.0f} ms: the executor ran its plan at "
+            f"{gain['plan_step'] / gain['step']:.1%} of the simulated speed.")
+
+
 def _items(cfg: CompareConfig) -> int:
     from twobp import models
 
@@ -283,7 +293,7 @@ def main(argv=None) -> int:
                          f"`{json.dumps({k: v for k, v in costs.items()})}`", ""]
         if gain:
             sections += [f"auto on these costs: simulated {gain['simulated']:.3f}x over our 1F1B, measured "
-                         f"{gain['measured']:.3f}x: {_realised(gain)}.", ""]
+                         f"{gain['measured']:.3f}x: {_realised(gain)}." + _plan_fidelity(gain), ""]
         print(table, flush=True)
         if args.profile:
             folder = Path(args.profile)

@@ -113,6 +113,9 @@ def test_measured_costs_and_timeline(tmp_path):
         mine = sorted((e for e in compute if e.rank == r), key=lambda e: e.start)
         assert [e.name for e in mine] == [str(a) for a in sched.ranks[r]]
         assert all(a.end <= b.start + 1e-9 for a, b in zip(mine, mine[1:]))
+        # the step ends waiting on peers (sends completing, the loss broadcast): shown as waits
+        ends = [e.name for e in tl.events if e.rank == r and e.kind == "recv" and e.start >= mine[-1].end - 1e-9]
+        assert ends[-2:] == ["sends completing", "loss broadcast"], ends
     # a fused run measures F and B; a 2BP run F, P1, P2: the form auto consumes
     assert set(got["costs"]) == {"F", "B", "comm"}
     split = results[0][cases_for(2)[1]]["costs"]

@@ -569,7 +569,13 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     as the probe's P1 + P2 times the ratio, per rank, of our 1F1B's B to our 1F1B + 2BP's P1 + P2 in
     the same timed rounds, so a fused backward cheaper than P1 + P2 is not counted as gain and
     both sides of the ratio come from the same minutes), against the paired measurement.
-    ``realised`` = (measured - 1) / (simulated - 1)."""
+    ``realised`` = (measured - 1) / (simulated - 1).
+
+    Where the schedule runs one chunk per rank, also where a shortfall lies: ``cost_growth`` (the
+    compute its timed steps measured over the probe's costs for the same actions), ``plan_step``
+    (the same plan simulated on those measured costs, optimizer included) and ``step`` (its
+    measured median step); ``plan_step / step`` near 1 means the executor ran its plan and the
+    shortfall is in the costs."""
     from ..pipeline import make_schedule, simulate
     from ..pipeline.overlap import period
 
@@ -588,7 +594,45 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
                  for b, s in zip(base.breakdown, split.breakdown)]
         if all(r > 0 for r in ratio):
             plain_costs = {**costs, "B": [r * (p1 + p2) for r, p1, p2 in zip(ratio, costs["P1"], costs["P2"])]}
-    simulated = simulate(plain, plain_costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
+    def plan(c):
+        return period(sched, c) if sched.carry else simulate(sched, c).makespan
+
+    simulated = simulate(plain, plain_costs).makespan / plan(costs)
     measured = paired_ratio(target, base)[0]
     realised = (measured - 1) / (simulated - 1) if simulated > 1 else float("nan")
-    return dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)
+    out = dict(schedule=schedule, simulated=simulated, measured=measured, realised=realised)
+    own = _costs_of_own_steps(sched, target.breakdown, costs)
+    if own is not None:
+        # the same plan on the costs its timed steps measured, plus the optimizer the simulator leaves out
+        optim = max(bd.get("optim", 0.0) for bd in target.breakdown)
+        out.update(plan_step=plan(own) + optim, step=target.median_step, cost_growth=_compute(sched, own)
+                   / _compute(sched, costs))
+    return out
+
+
+def _compute(sched, costs) -> float:
+    """Compute of every rank's actions of one step of ``sched`` on ``costs`` (chunks = 1), summed."""
+    from ..pipeline.costs import as_costs
+
+    c = as_costs(costs)
+    return sum(c.at(a.kind, r) * (len(a.mbs) if a.kind == "P2" else 1)
+               for r, acts in enumerate(sched.ranks) for a in acts if a.kind in ("F", "B", "P1", "P2"))
+
+
+def _costs_of_own_steps(sched, breakdown: Sequence[dict], probe: dict) -> dict | None:
+    """Per-stage, per-micro-batch F / B / P1 / P2 as ``sched``'s own timed steps measured them:
+    each rank's median time per kind over the number of such actions (micro-batches) it ran.
+    None where a rank is not one stage (two chunks per rank) or a kind it ran has no time."""
+    if sched.chunks != 1 or len(breakdown) != len(sched.ranks):
+        return None
+    # a kind a rank never ran keeps the probe's figure (B where no backward stayed fused)
+    fallback = {k: probe[k] for k in ("F", "P1", "P2")}
+    fallback["B"] = probe.get("B") or [p1 + p2 for p1, p2 in zip(probe["P1"], probe["P2"])]
+    own: dict = {k: [] for k in fallback}
+    for r, (acts, bd) in enumerate(zip(sched.ranks, breakdown)):
+        for kind in own:
+            n = sum(len(a.mbs) if kind == "P2" else 1 for a in acts if a.kind == kind)
+            if n and not bd.get(kind, 0.0) > 0:
+                return None
+            own[kind].append(bd[kind] / n if n else fallback[kind][r])
+    return {**probe, **own}

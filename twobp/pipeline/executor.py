@@ -392,7 +392,9 @@ class PipelineExecutor:
                 records.append((str(a), a.kind, t0, self._clock.mark(), None))
                 if self._sync.buckets:
                     self._sync.launch_ready(i, self._clock.mark)
-            self._p2p.drain()
+            t0 = self._clock.mark()
+            self._p2p.drain()  # a send completes when its peer receives: waiting on a peer
+            records.append(("sends completing", "recv", t0, self._clock.mark(), None))
         except Exception as e:
             raise PipelineError(
                 f"rank {self.rank} failed in training step {self._steps_begun} at action {i} "
@@ -411,9 +413,12 @@ class PipelineExecutor:
         peak = store.peak_bytes
         if dist.get_world_size(self.group) > 1:
             src = sched.place(last)[0]
+            t0 = self._clock.mark()
             self._collective("the loss broadcast", dist.broadcast, loss_sum,
                              src=src if self.group is None else dist.get_global_rank(self.group, src),
                              group=self.group)
+            # every rank meets here: the wait for the slowest one is idle time
+            records.append(("loss broadcast", "recv", t0, self._clock.mark(), None))
         self._grad_norm = None
         if carrying:
             self._owed = list(self._carry_acts)
