@@ -84,3 +84,33 @@ def test_choose_carry_never_worse_and_keeps_the_first_rank_uncarried():
         assert c.carried(0) == 0
     fused = make_schedule("1f1b", stages=2, microbatches=4, twobp=False, overlap_steps=True)
     assert fused.carry == (), "no P2, nothing to carry"
+
+
+def test_period_starts_every_step_together_as_the_loss_broadcast_does():
+    """The executor ends each step with the loss broadcast, where all ranks meet: a rank's
+    carried P2 can only fill the next step's start, never overlap the others' current step.
+    Worked by hand, F = P1 = P2 = 1: rank 1 carrying both P2 starts its F0 at t = 2 (it owes
+    2), so its P1s send at 4 and 6 and rank 0 ends at 8; carrying one, rank 1 is free at 1,
+    waits for F0's activation anyway and the step is no longer than without carry: 7."""
+    unit = Costs(F=1.0, P1=1.0, P2=1.0)
+
+    def sched(carry):
+        return Schedule(ranks=((F(0), F(1), P1(0), P2([0]), P1(1), P2([1])),
+                               (F(0), P1(0), F(1), P1(1), P2([0, 1]))),
+                        stages=2, microbatches=2, name="t", carry=carry)
+
+    assert makespan_of(sched(()), unit) == pytest.approx(7.0)
+    assert period(sched((0, 1)), unit) == pytest.approx(7.0)
+    assert period(sched((0, 2)), unit) == pytest.approx(8.0)
+    assert choose_carry(sched(()), unit).carry in ((), (0, 0), (0, 1))  # never the carry that costs
+
+
+def test_steps_overlapping_past_the_broadcast_are_not_promised():
+    """p = 4, m = 8, equal costs: steps that overlapped past the loss broadcast would reach the
+    busiest rank's 24 units; the executor syncs each step, so the period promised is above that
+    and never above the plain schedule's 27."""
+    unit = Costs(F=1.0, P1=1.0, P2=1.0)
+    a = make_schedule("auto", stages=4, microbatches=8, twobp=True, costs=unit, overlap_steps=True)
+    plain = makespan_of(make_schedule("auto", stages=4, microbatches=8, twobp=True, costs=unit), unit)
+    assert plain == pytest.approx(27.0)
+    assert 24.0 + 1e-9 < period(a, unit) <= plain

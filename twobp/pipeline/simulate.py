@@ -19,7 +19,7 @@ Figures, for ``p`` ranks, makespan ``T`` and busy time ``busy_r`` of rank r:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .actions import Action, Schedule
 from .costs import Costs, MemorySizes, as_costs
@@ -75,10 +75,10 @@ def _timings(schedule: Schedule, costs: Costs):
     return duration, latency
 
 
-def _walk(schedule: Schedule, costs: Costs) -> tuple[Schedule, Walk]:
+def _walk(schedule: Schedule, costs: Costs, start_at=None) -> tuple[Schedule, Walk]:
     lowered = lower_comm(schedule)
     duration, latency = _timings(lowered, costs)
-    return lowered, walk(lowered, duration, latency)
+    return lowered, walk(lowered, duration, latency, start_at)
 
 
 def _allreduce_ends(lowered: Schedule, w: Walk, costs: Costs) -> list[float]:
@@ -99,10 +99,12 @@ def _allreduce_ends(lowered: Schedule, w: Walk, costs: Costs) -> list[float]:
     return ends
 
 
-def makespan_of(schedule: Schedule, costs: Costs | Mapping | None = None) -> float:
-    """Makespan only, without validation (for search loops on already valid schedules)."""
+def makespan_of(schedule: Schedule, costs: Costs | Mapping | None = None, *,
+                start_at: Sequence[float] | None = None) -> float:
+    """Makespan only, without validation (for search loops on already valid schedules).
+    ``start_at[r]``: when rank r is free to start (default 0)."""
     costs = as_costs(costs)
-    _, w = _walk(schedule, costs)
+    _, w = _walk(schedule, costs, start_at)
     return max((max(e, default=0.0) for e in w.end), default=0.0)
 
 

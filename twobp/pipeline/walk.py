@@ -12,7 +12,7 @@ longest paths whatever order the ranks are visited in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from .actions import Action, Schedule
 from .lowering import comm_peer, message_key
@@ -76,17 +76,22 @@ class Deadlock(Exception):
 
 
 def walk(schedule: Schedule, duration: Callable[[int, Action], float] | None = None,
-         latency: Callable[[int, Action], float] | None = None) -> Walk:
+         latency: Callable[[int, Action], float] | None = None,
+         start_at: Sequence[float] | None = None) -> Walk:
     """Place every action of an explicit ``schedule`` in time.
 
     ``duration(rank, action)`` gives compute times (default 1 for compute actions);
     communication actions take no time of their own. ``latency(rank, send)`` is the delay
-    from a send to its data arriving (default 0). Raises :class:`Deadlock`.
+    from a send to its data arriving (default 0). ``start_at[r]``: when rank r is free to
+    start (default 0 for all; e.g. busy with work carried from the previous step).
+    Raises :class:`Deadlock`.
     """
     p = schedule.stages
     acts = schedule.ranks
     pos = [0] * p
-    clock = [0.0] * p
+    clock = [float(t) for t in start_at] if start_at is not None else [0.0] * p
+    if len(clock) != p:
+        raise ValueError(f"walk: start_at has {len(clock)} entries for {p} ranks")
     start = [[0.0] * len(a) for a in acts]
     end = [[0.0] * len(a) for a in acts]
     have: list[set[Token]] = [set() for _ in range(p)]
