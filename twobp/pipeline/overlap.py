@@ -14,8 +14,8 @@ rank r first runs the P2 it carried from the previous step and then this step's 
 to its own carried tail, and the step ends when the last rank is done. Without carry the
 period is the one-step makespan. (A model in which steps also overlap past the broadcast,
 :func:`unroll` repeated and differenced, promised gains the executor cannot reach: 24
-against 27 time units at p = 4, m = 8 with equal costs, where the synced step is no
-shorter than without carry.) :func:`unroll` writes ``n`` consecutive steps as one schedule
+against 27 time units without carry at p = 4, m = 8 with equal costs, where the synced
+step is 26.) :func:`unroll` writes ``n`` consecutive steps as one schedule
 (micro-batch ids of step k offset by ``k * m``, carried P2 at the head of the next step),
 which validates a carry across steps.
 """
