@@ -199,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=2, help="pipeline ranks (default 2)")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds, one step of every contender each")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--ours", default=",".join(DEFAULT_OURS), help="twobp schedules (suffix -2bp: split); auto-h1 is auto held to ZB-H1's memory (at most p micro-batches per rank); auto-x2 places over two chunks per rank (looped), auto-x2h1 both; auto-v over two chunks per rank in the V layout (as torch's ScheduleZBVZeroBubble), auto-vh1 that within 1F1B's memory")
+    p.add_argument("--ours", default=",".join(DEFAULT_OURS), help="twobp schedules (suffix -2bp: split); auto-h1 is auto held to ZB-H1's memory (at most p micro-batches per rank); auto-x2 places over two chunks per rank (looped), auto-x2h1 both; auto-v over two chunks per rank in the V layout (as torch's ScheduleZBVZeroBubble), auto-vh1 that within 1F1B's memory; auto@N, auto-x2@N, auto-v@N hold at most N micro-batch chunks per rank (e.g. auto-v@6-2bp)")
     p.add_argument("--torch", default=",".join(DEFAULT_TORCH), help="torch.distributed.pipelining schedules")
     p.add_argument("--torch-with-twobp-modules", action="store_true",
                    help="also run torch's Schedule1F1B on the twobp modules (the runtimes alone compared)")

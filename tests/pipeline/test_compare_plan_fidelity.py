@@ -47,3 +47,17 @@ def test_simulated_gain_reports_the_plan_on_its_own_costs():
     assert gain["cost_growth"] == pytest.approx((0.624 + 0.705 + 0.505 + 0.648 + 0.730 + 0.507)
                                                 / _compute(_auto(), PROBE))
     assert gain["cost_growth"] > 1.02  # these steps ran 3% above the probe: part of the shortfall
+
+
+def test_auto_with_an_explicit_memory_limit_parses_and_bad_limits_name_the_form():
+    c = Contender("twobp", "auto-v@6-2bp", "twobp")
+    assert (c.variant, c.schedule_name, c.chunks, c.layout, c.memory_limit(2)) == ("auto-v", "auto", 2, "v", 6)
+    assert c.label == "twobp auto-v@6 +2BP"
+    assert Contender("twobp", "auto@3-2bp", "twobp").memory_limit(4) == 3
+    assert Contender("twobp", "auto-vh1-2bp", "twobp").memory_limit(2) == 4  # the named limits stay
+    assert Contender("twobp", "auto-h1-2bp", "twobp").memory_limit(2) == 2
+    assert Contender("twobp", "auto-v-2bp", "twobp").memory_limit(2) is None
+    CompareConfig(ours=("auto-v@6-2bp", "auto@2-2bp"))  # accepted
+    for bad in ("auto-v@0-2bp", "auto-v@x-2bp", "zb-h1@3-2bp", "auto-vh1@3-2bp"):
+        with pytest.raises(ValueError, match="auto@N, auto-x2@N or auto-v@N"):
+            CompareConfig(ours=(bad,))

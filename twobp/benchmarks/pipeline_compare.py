@@ -61,7 +61,21 @@ _KINDS = ("F", "B", "P1", "P2", "W", "wait", "send", "optim", "other")
 _AUTO_VARIANTS = ("auto", "auto-h1", "auto-x2", "auto-x2h1", "auto-v", "auto-vh1")
 """``auto`` placements the comparison runs: free, within ZB-H1's memory (h1), over two looped
 chunks per rank (x2), both (x2h1), over two chunks per rank in ZB-V's V layout (v), and that
-within 1F1B's memory (vh1)."""
+within 1F1B's memory (vh1). ``auto@N``, ``auto-x2@N``, ``auto-v@N``: the same placement held to
+N micro-batch chunks per rank from F to P2 (a budget between 1F1B's and all of them)."""
+_MEMORY_LIMITS = {"auto-h1": 1, "auto-x2h1": 2, "auto-vh1": 2}
+"""The named limits, in micro-batch chunks per rank per pipeline rank (x stages)."""
+
+
+def _variant_and_limit(base: str) -> tuple[str, int | None]:
+    """``auto-v@6`` -> (``auto-v``, 6); any other name -> (name, None). Raises on a bad N."""
+    if "@" not in base:
+        return base, None
+    variant, _, n = base.partition("@")
+    if variant not in ("auto", "auto-x2", "auto-v") or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{base!r}: a memory limit is written auto@N, auto-x2@N or auto-v@N with N >= 1 "
+                         "micro-batch chunks held per rank (e.g. auto-v@6-2bp)")
+    return variant, int(n)
 
 
 @dataclass(frozen=True)
@@ -83,28 +97,37 @@ class Contender:
         return self.schedule[:-4] if self.schedule.endswith("-2bp") else self.schedule
 
     @property
+    def variant(self) -> str:
+        """The placement without an ``@N`` memory limit (``auto-v@6`` -> ``auto-v``)."""
+        return _variant_and_limit(self.base_schedule)[0]
+
+    @property
     def schedule_name(self) -> str:
         """The make_schedule name: every ``auto-*`` variant is ``auto``."""
-        return "auto" if self.base_schedule in _AUTO_VARIANTS else self.base_schedule
+        return "auto" if self.variant in _AUTO_VARIANTS else self.variant
 
     @property
     def chunks(self) -> int:
         """Model chunks per rank: two for ``interleaved-1f1b``, ``auto-x2``/``auto-x2h1`` (looped,
         like torch's interleaved schedules) and ``auto-v``/``auto-vh1`` (V-shaped), one otherwise."""
-        return 2 if self.base_schedule in ("interleaved-1f1b", "auto-x2", "auto-x2h1", "auto-v", "auto-vh1") else 1
+        return 2 if self.variant in ("interleaved-1f1b", "auto-x2", "auto-x2h1", "auto-v", "auto-vh1") else 1
 
     @property
     def layout(self) -> str:
         """Chunk placement: ``v`` for ``auto-v``/``auto-vh1`` (rank r holds stages r and 2p-1-r, as
         torch's ScheduleZBVZeroBubble), ``loop`` otherwise."""
-        return "v" if self.base_schedule in ("auto-v", "auto-vh1") else "loop"
+        return "v" if self.variant in ("auto-v", "auto-vh1") else "loop"
 
     def memory_limit(self, stages: int) -> int | None:
         """``auto-h1``: at most ``stages`` micro-batches held per rank from F to P2, what 1F1B
         and ZB-H1 hold, so its peak saved activations stay at 1F1B's; ``auto-x2h1``: the same
         bytes if the chunks were of equal size (``2 * stages`` chunk micro-batches; a last chunk
-        holding the head's logits is heavier), and so ``auto-vh1``; None otherwise."""
-        return {"auto-h1": stages, "auto-x2h1": 2 * stages, "auto-vh1": 2 * stages}.get(self.base_schedule)
+        holding the head's logits is heavier), and so ``auto-vh1``; ``...@N``: N; None otherwise."""
+        variant, n = _variant_and_limit(self.base_schedule)
+        if n is not None:
+            return n
+        per = _MEMORY_LIMITS.get(variant)
+        return per * stages if per is not None else None
 
     @property
     def label(self) -> str:
@@ -173,11 +196,12 @@ class CompareConfig:
                              f"{self.microbatches} (torch's runtime splits the batch evenly)")
         for s in self.ours:
             base = s[:-4] if s.endswith("-2bp") else s
-            if base not in (*SCHEDULE_NAMES, *_AUTO_VARIANTS):
+            if _variant_and_limit(base)[0] not in (*SCHEDULE_NAMES, *_AUTO_VARIANTS):
                 raise ValueError(f"unknown twobp schedule {s!r}; use one of {SCHEDULE_NAMES} or auto-h1 (auto "
                                  "within ZB-H1's memory), auto-x2 (over two looped chunks per rank), auto-x2h1 "
                                  "(both), auto-v (two chunks per rank in the V layout), auto-vh1 (that within "
-                                 "1F1B's memory); add -2bp for 2BP")
+                                 "1F1B's memory), auto@N / auto-x2@N / auto-v@N (held to N micro-batch chunks "
+                                 "per rank); add -2bp for 2BP")
             if base.startswith("auto") and not s.endswith("-2bp"):
                 raise ValueError(f"{base} places P2, so it needs 2BP: use {base}-2bp")
         for s in self.torch_schedules:
@@ -584,7 +608,7 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     costs = target.extra.get("costs") if target is not None else None
     if target is None or base is None or not costs:
         return None
-    sched = make_schedule(target.contender.base_schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
+    sched = make_schedule(target.contender.schedule_name, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
                           costs=costs, overlap_steps=cfg.overlap_steps)
     plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
     plain_costs = costs
