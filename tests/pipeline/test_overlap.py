@@ -114,3 +114,15 @@ def test_steps_overlapping_past_the_broadcast_are_not_promised():
     plain = makespan_of(make_schedule("auto", stages=4, microbatches=8, twobp=True, costs=unit), unit)
     assert plain == pytest.approx(27.0)
     assert 24.0 + 1e-9 < period(a, unit) <= plain
+
+
+def test_carry_keeps_a_memory_cap():
+    """Carried P2 runs at the head of the next step, before its first forward, so carrying a
+    capped placement's trailing P2 leaves its peak where the cap put it, and can still shorten
+    the steady-state step (auto over the V layout, p = 2, m = 4, 6 micro-batch chunks)."""
+    costs = Costs(F=(0.08, 0.08, 0.08, 0.082), P1=(0.09, 0.09, 0.09, 0.092), P2=(0.064, 0.064, 0.064, 0.063))
+    kw = dict(stages=2, microbatches=4, twobp=True, chunks=2, layout="v", costs=costs, memory_limit=6)
+    plain = make_schedule("auto", **kw)
+    carried = make_schedule("auto", **kw, overlap_steps=True)
+    assert carried.carry and max(simulate(carried, costs).peak_held) <= 6
+    assert period(carried, costs) < makespan_of(plain, costs)

@@ -265,9 +265,11 @@ class _OursRunner:
                  overlap: bool = False, bounds=None):
         from ..pipeline import PipelineExecutor, make_schedule
 
-        # carried P2 holds its activations into the next step's forwards: not under a memory cap
+        # a memory cap holds with carried P2 too: the executor runs what a rank carries at the
+        # head of its next step, before that step's first forward, so carrying a step's trailing
+        # P2 keeps its sets only until then, past the step's peak
         limit = contender.memory_limit(world)
-        overlap = overlap and contender.twobp and limit is None
+        overlap = overlap and contender.twobp
         self.schedule = make_schedule(contender.schedule_name, stages=world, microbatches=cfg.microbatches,
                                       twobp=contender.twobp, chunks=contender.chunks, costs=costs,
                                       overlap_steps=overlap, memory_limit=limit, layout=contender.layout)
