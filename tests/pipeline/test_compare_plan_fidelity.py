@@ -2,9 +2,9 @@
 
 import pytest
 
-from twobp.benchmarks.pipeline_compare import (CompareConfig, Contender, ContenderResult, _compute,
-                                               _costs_of_own_steps, simulated_gain)
-from twobp.pipeline import make_schedule
+from twobp.benchmarks.pipeline_compare import (CompareConfig, Contender, ContenderResult, _costs_of_own_steps,
+                                               simulated_gain)
+from twobp.pipeline import make_schedule, simulate
 from twobp.pipeline.overlap import period
 
 PROBE = {"F": [0.150, 0.156], "P1": [0.172, 0.175], "P2": [0.124, 0.125], "comm": 0.0004, "B": [0.296, 0.297]}
@@ -23,7 +23,7 @@ def test_own_costs_are_each_ranks_time_per_kind_over_its_actions():
     assert own["P2"] == pytest.approx([0.505 / 4, 0.507 / 4])  # a batched P2[0-3] counts its 4 micro-batches
     assert own["B"] == PROBE["B"] and own["comm"] == PROBE["comm"]  # nothing fused ran: the probe's B stays
     # the plan's compute on its own costs is what the ranks measured, summed
-    assert _compute(sched, own) == pytest.approx(sum(sum(v for k, v in b.items()) for b in bd))
+    assert sum(simulate(sched, own).busy) == pytest.approx(sum(sum(v for k, v in b.items()) for b in bd))
 
 
 def test_a_kind_that_ran_without_time_gives_no_own_costs():
@@ -45,7 +45,7 @@ def test_simulated_gain_reports_the_plan_on_its_own_costs():
     assert gain["plan_step"] == pytest.approx(period(_auto(), own) + 0.022)
     assert gain["step"] == pytest.approx(1.95)
     assert gain["cost_growth"] == pytest.approx((0.624 + 0.705 + 0.505 + 0.648 + 0.730 + 0.507)
-                                                / _compute(_auto(), PROBE))
+                                                / sum(simulate(_auto(), PROBE).busy))
     assert gain["cost_growth"] > 1.02  # these steps ran 3% above the probe: part of the shortfall
 
 

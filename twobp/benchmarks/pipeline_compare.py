@@ -631,18 +631,9 @@ def simulated_gain(results: Sequence[ContenderResult], cfg: CompareConfig, sched
     if own is not None:
         # the same plan on the costs its timed steps measured, plus the optimizer the simulator leaves out
         optim = max(bd.get("optim", 0.0) for bd in target.breakdown)
-        out.update(plan_step=plan(own) + optim, step=target.median_step, cost_growth=_compute(sched, own)
-                   / _compute(sched, costs))
+        out.update(plan_step=plan(own) + optim, step=target.median_step,
+                   cost_growth=sum(simulate(sched, own).busy) / sum(simulate(sched, costs).busy))
     return out
-
-
-def _compute(sched, costs) -> float:
-    """Compute of every rank's actions of one step of ``sched`` on ``costs`` (chunks = 1), summed."""
-    from ..pipeline.costs import as_costs
-
-    c = as_costs(costs)
-    return sum(c.at(a.kind, r) * (len(a.mbs) if a.kind == "P2" else 1)
-               for r, acts in enumerate(sched.ranks) for a in acts if a.kind in ("F", "B", "P1", "P2"))
 
 
 def _costs_of_own_steps(sched, breakdown: Sequence[dict], probe: dict) -> dict | None:
