@@ -32,6 +32,7 @@ it never opens a store entry, whatever split region is active.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -49,7 +50,9 @@ __all__ = ["split_apply", "runs_as_torch"]
 
 
 def _detached(saved: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: (v.detach() if v is not None else None) for k, v in saved.items()}
+    """The saved set with no tensor tied to a graph (an input that requires grad, kept by
+    the store past its node, would keep the whole graph before it alive)."""
+    return {k: (v.detach() if v is not None and v.requires_grad else v) for k, v in saved.items()}
 
 
 def _in_backward() -> bool:
@@ -57,19 +60,31 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _Call:
+    """What one split op call passes to its autograd node besides tensors: one argument
+    instead of seven, since every non-tensor argument costs Python in Function.apply."""
+
+    __slots__ = ("op", "owner", "label", "n_inputs", "split", "p_needs", "real_params")
+
+    def __init__(self, op: SplitOp, owner: Hashable, label: str, n_inputs: int, split: _SplitState | None,
+                 p_needs: tuple[bool, ...], real_params: tuple) -> None:
+        self.op, self.owner, self.label, self.n_inputs = op, owner, label, n_inputs
+        self.split, self.p_needs, self.real_params = split, p_needs, real_params
+
+
 class _SplitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op: SplitOp, owner: Hashable, label: str, n_inputs: int, split: _SplitState | None,
-                p_needs: tuple[bool, ...], real_params: tuple, *tensors):  # type: ignore[override]
+    def forward(ctx, call: _Call, *tensors):  # type: ignore[override]
+        op, split, p_needs, n_inputs = call.op, call.split, call.p_needs, call.n_inputs
         if split is not None:
             tensors = tensors[:-1]  # the anchor (see split_apply)
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
-        in_needs = tuple(t is not None and t.requires_grad for t in inputs)
+        in_needs = tuple([t is not None and t.requires_grad for t in inputs])
         if split is not None:
             # ops read requires_grad off the parameters to decide what p2 needs: flag the
             # detached ones as the real ones are (grad mode is off in here: no graph)
-            params = tuple(None if a is None else a.detach().requires_grad_(need) for a, need in zip(params, p_needs))
-        out, p1, p2 = op.forward(inputs, params, save_p1=any(in_needs), save_p2=any(p_needs))
+            params = tuple([None if a is None else a.detach().requires_grad_(need) for a, need in zip(params, p_needs)])
+        out, p1, p2 = op.forward(inputs, params, save_p1=True in in_needs, save_p2=True in p_needs)
         p1, p2 = _detached(p1), _detached(p2)
         ctx.op, ctx.in_needs, ctx.p_needs = op, in_needs, p_needs
         ctx.n_in, ctx.n_params = n_inputs, len(params)
@@ -77,8 +92,8 @@ class _SplitFunction(torch.autograd.Function):
         ctx.entry = None
         ctx.backend = forced_backend()  # backward may run on another thread (CUDA): keep the choice
         if split is not None:
-            ctx.entry = split.store.open(owner=owner, label=label, microbatch=split.microbatch, op=op,
-                                         params=real_params, param_mask=p_needs, p2=p2)
+            ctx.entry = split.store.open(owner=call.owner, label=call.label, microbatch=split.microbatch, op=op,
+                                         params=call.real_params, param_mask=p_needs, p2=p2)
             split.opened.append(ctx.entry)
             # An output that never reaches a loss has its graph freed without a backward:
             # its entry goes with it (its weight gradient is zero; there is nothing to defer).
@@ -88,6 +103,8 @@ class _SplitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
+        if ctx.backend is None:
+            return _SplitFunction._backward(ctx, dy)
         with pinned_backend(ctx.backend):
             return _SplitFunction._backward(ctx, dy)
 
@@ -101,7 +118,7 @@ class _SplitFunction(torch.autograd.Function):
         p2 = dict(zip(ctx.p2_keys, saved[n1:n1 + n2]))
         params = tuple(saved[n1 + n2:n1 + n2 + ctx.n_params])
         inputs = tuple(saved[n1 + n2 + ctx.n_params:])
-        head = (None,) * 7
+        head = (None,)  # the _Call
         if entry is not None:
             if torch.is_grad_enabled():
                 raise RuntimeError(
@@ -120,8 +137,8 @@ class _SplitFunction(torch.autograd.Function):
                 entry.deposit_partials(_detached(partials))
             return (*head, *dx, *((None,) * ctx.n_params), None)
         # autograd.grad(..., inputs=...) may ask for a subset: compute only that
-        in_needs = tuple(ctx.needs_input_grad[7:7 + ctx.n_in])
-        p_needs = tuple(ctx.needs_input_grad[7 + ctx.n_in:])
+        in_needs = tuple(ctx.needs_input_grad[1:1 + ctx.n_in])
+        p_needs = tuple(ctx.needs_input_grad[1 + ctx.n_in:])
         if torch.is_grad_enabled():  # create_graph=True: a backward built of differentiable ops
             return (*head, *_differentiable_grads(op, dy, inputs, params, in_needs, p_needs))
         dx, pgrads = op.fused_grads(dy, p1, p2, params, in_needs, p_needs)
@@ -156,12 +173,21 @@ def split_apply(op: SplitOp, owner: Hashable, label: str, inputs: Sequence[Tenso
     gradient into the fp32 parameter's ``.grad``.
     """
     inputs, params = tuple(inputs), tuple(params)
+    if not _ANY_AUTOCAST():
+        return _split_apply(op, owner, label, inputs, params, params)
     device = next((t.device.type for t in inputs if t is not None), "cpu")
     if _autocast_on(device):
         cast_in, cast_p = _autocast_args(op, device, inputs, params)
         with torch.autocast(device, enabled=False):
             return _split_apply(op, owner, label, cast_in, params, cast_p)
     return _split_apply(op, owner, label, inputs, params, params)
+
+
+def _any_autocast_fallback() -> bool:
+    return any(_autocast_on(d) for d in ("cpu", "cuda"))
+
+
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_fallback)
 
 
 def _autocast_on(device: str) -> bool:
@@ -190,28 +216,35 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
                  compute_params: tuple) -> Tensor:
     """``params``: the parameters themselves (whose ``.grad`` p2 fills); ``compute_params``:
     what the op computes with (the same, or their autocast copies)."""
-    p_needs = tuple(p is not None and p.requires_grad for p in params)
+    p_needs = tuple([p is not None and p.requires_grad for p in params])
     split = current_split()
     if not torch.is_grad_enabled():
-        if split is not None and any(p_needs) and _under_reentrant_checkpoint():
+        if split is not None and True in p_needs and _under_reentrant_checkpoint():
             _warn_split_off(label)
         return _forward_only(op, inputs, compute_params)
-    if not any(t is not None and t.requires_grad for t in (*inputs, *compute_params)):
+    if not _any_requires_grad(inputs) and not _any_requires_grad(compute_params):
         return _forward_only(op, inputs, compute_params)
-    if split is not None and any(p_needs) and not _in_backward():
+    if split is not None and True in p_needs and not _in_backward():
         _refuse_ddp_forward(label)
         # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
         # views share their version counters, so in-place edits are still caught. The
         # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
         # input needs a gradient (a first layer), so that p1 runs and readies p2.
-        args = tuple(p.detach() if p is not None else None for p in compute_params)
-        return _SplitFunction.apply(op, owner, label, len(inputs), split, p_needs, params, *inputs, *args,
+        args = [p.detach() if p is not None else None for p in compute_params]
+        return _SplitFunction.apply(_Call(op, owner, label, len(inputs), split, p_needs, params), *inputs, *args,
                                     _anchor())
     if not _saved_tensor_hooks_active():
         out = op.native_forward(inputs, compute_params)
         if out is not None:
             return out
-    return _SplitFunction.apply(op, owner, label, len(inputs), None, p_needs, (), *inputs, *compute_params)
+    return _SplitFunction.apply(_Call(op, owner, label, len(inputs), None, p_needs, ()), *inputs, *compute_params)
+
+
+def _any_requires_grad(tensors: tuple) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def runs_as_torch(x: Tensor) -> bool:
@@ -261,11 +294,16 @@ def _under_reentrant_checkpoint() -> bool:
 
 
 def _refuse_ddp_forward(label: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+    if getattr(_ddp_class(), "_active_ddp_module", None) is not None:
         from .split import _DP_ALTERNATIVE
         raise NotImplementedError(f"{label}: a split forward inside torch DistributedDataParallel: {_DP_ALTERNATIVE}")
+
+
+@functools.lru_cache(maxsize=1)
+def _ddp_class() -> type:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel
 
 
 def _anchor() -> Tensor:

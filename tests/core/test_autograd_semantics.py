@@ -68,6 +68,27 @@ def test_double_backward_equals_torch(case):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"{name} d/d{k}")
 
 
+def test_attention_double_backward_outside_math_sdpa_behaves_as_torch():
+    """Normal mode runs torch's own SDPA for the attention core (no Python node of ours), so
+    without sdpa_kernel(MATH) double backward does what torch's module does, error included."""
+    _, ref, ours, make = _twins()[4]
+    x0 = make().double()
+    outcomes = []
+    for m in (ref, ours):
+        x = x0.clone().requires_grad_()
+        try:
+            gx, = torch.autograd.grad(_call(m, x).square().sum(), x, create_graph=True)
+            (gx ** 2).sum().backward()
+            outcomes.append(("ok", x.grad))
+        except RuntimeError as e:
+            outcomes.append(("error", str(e).split(" is not implemented")[0]))
+    assert outcomes[0][0] == outcomes[1][0], outcomes
+    if outcomes[0][0] == "ok":
+        torch.testing.assert_close(outcomes[1][1], outcomes[0][1], rtol=1e-9, atol=1e-11)
+    else:
+        assert outcomes[0][1] == outcomes[1][1]
+
+
 def test_double_backward_in_a_split_region_names_the_cause():
     m = twobp.TwoBPLinear(4, 3)
     x = torch.randn(2, 4, requires_grad=True)

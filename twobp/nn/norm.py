@@ -90,7 +90,17 @@ class TwoBPRMSNorm(TwoBPModule, nn.RMSNorm):
                          device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last_dim_only(type(self).__name__, self.normalized_shape)
-        eps = self.eps if self.eps is not None else _rms_default_eps(x.dtype)
+        return self._split(self._op(x.dtype), (x,), (self.weight,))
+
+    def _op(self, dtype: torch.dtype) -> RMSNormOp:
+        """The op for inputs of ``dtype``, built once per (shape, eps, dtype): its checks and
+        construction are Python on every call of a module that runs per token block."""
+        key = (self.normalized_shape, self.eps, dtype)
+        cached = self.__dict__.get("_twobp_rms_op")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        _check_last_dim_only(type(self).__name__, self.normalized_shape)  # converted modules too
+        eps = self.eps if self.eps is not None else _rms_default_eps(dtype)
         op = RMSNormOp(eps=eps, normalized_size=self.normalized_shape[0])
-        return self._split(op, (x,), (self.weight,))
+        self.__dict__["_twobp_rms_op"] = (key, op)
+        return op

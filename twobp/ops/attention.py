@@ -24,6 +24,7 @@ other devices.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -171,6 +172,17 @@ def attention_dx_ref(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
     return _attention_dx_math(do, q, k, v, o, lse, causal=causal, sm_scale=scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _sdpa_takes_gqa() -> bool:
+    """Whether this torch's SDPA takes ``enable_gqa`` (torch >= 2.5)."""
+    t = torch.zeros(1, 2, 1, 2)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(t, t[:, :1], t[:, :1], enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
 def _last_contiguous(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -208,6 +220,21 @@ class AttentionCoreOp(SplitOp):
             o, lse = attention_fwd_ref(q, k, v, causal=self.causal, sm_scale=self.sm_scale)
         p1: Saved = {"q": q, "k": k, "v": v, "o": o, "lse": lse} if save_p1 else {}
         return o, p1, {}
+
+    def native_forward(self, inputs, params):
+        """torch's own SDPA, as the twin's torch module runs it: one aten call whose C++ node
+        computes dQ, dK, dV with no Python of ours. The core has no weights, so there is
+        nothing to defer and a split region takes this path too. Like torch's, its CPU flash
+        backward has no double backward; under ``sdpa_kernel(SDPBackend.MATH)`` it has."""
+        q, k, v = inputs
+        if gemm_backend(q.device, q.dtype, "attention") != "torch" or (k.shape[2] != q.shape[2]
+                                                                      and not _sdpa_takes_gqa()):
+            return None
+        _check_qkv(q, k, v)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            _heads_first(q), _heads_first(k), _heads_first(v), is_causal=self.causal,
+            scale=_scale(self.sm_scale, q.shape[-1]), **({"enable_gqa": True} if k.shape[2] != q.shape[2] else {}))
+        return _heads_first(o)
 
     def differentiable_forward(self, inputs, params):
         q, k, v = inputs

@@ -59,8 +59,11 @@ def _native(x: Tensor) -> bool:
     return x.dtype in _NATIVE_DTYPES
 
 
+_HAS_FUSED_RMS = hasattr(_ATEN, "_fused_rms_norm")  # torch >= 2.8
+
+
 def _has_fused_rms() -> bool:
-    return hasattr(_ATEN, "_fused_rms_norm")  # torch >= 2.8
+    return _HAS_FUSED_RMS
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
