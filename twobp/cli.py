@@ -63,7 +63,8 @@ _JOB_DESCRIPTIONS = {
 }
 
 _SCHEDULE_HELP = ("comma-separated schedules; each is a name (gpipe, 1f1b, interleaved-1f1b, zb-h1, auto) "
-                  "with '-2bp' appended for the split backward, e.g. 1f1b,1f1b-2bp,auto-2bp")
+                  "with '-2bp' appended for the split backward, e.g. 1f1b,1f1b-2bp,auto-2bp; auto@N holds "
+                  "auto to N micro-batch chunks per rank from F to P2 (a memory cap), e.g. auto@4-2bp")
 
 
 def _parse_variants(text: str):
@@ -73,13 +74,17 @@ def _parse_variants(text: str):
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         twobp = item.endswith("-2bp")
-        name = item[:-4] if twobp else item
+        try:
+            variant = Variant.parse(item[:-4] if twobp else item, twobp)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        name = variant.schedule
         if name not in SCHEDULE_NAMES:
             raise argparse.ArgumentTypeError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULE_NAMES)}")
         if name in ("zb-h1", "auto") and not twobp:
             raise argparse.ArgumentTypeError(f"{name} places the P2 (weight-gradient) actions, so it needs 2BP: "
-                                             f"write {name}-2bp")
-        out.append(Variant(name, twobp))
+                                             f"write {item}-2bp")
+        out.append(variant)
     if not out:
         raise argparse.ArgumentTypeError("no schedule given")
     return tuple(out)
@@ -121,7 +126,8 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
                    help="2BP schedules carry trailing P2 and the rank's optimizer step into the next step's "
                         "fill where the measured costs say it helps (default: on)")
     if job == "train":
-        g.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1 or auto")
+        g.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1 or auto; auto@N "
+                                                          "holds at most N micro-batch chunks per rank (memory cap)")
         g.add_argument("--2bp", dest="twobp", action=argparse.BooleanOptionalAction, default=True,
                        help="split the backward into p1 and deferred p2 (default: on)")
     else:
@@ -154,7 +160,11 @@ def _job_main(args: argparse.Namespace) -> int:
     from .train import JobConfig, Variant, format_results, losses_agree, results_to_json, run_job, save_json, \
         write_timelines
 
-    variants = (Variant(args.schedule, args.twobp),) if args.job == "train" else args.schedules
+    try:
+        variants = (Variant.parse(args.schedule, args.twobp),) if args.job == "train" else args.schedules
+    except ValueError as e:
+        print(f"twobp train: --schedule {e}", file=sys.stderr)
+        return 2
     if isinstance(variants, str):
         variants = _parse_variants(variants)
     try:

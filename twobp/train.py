@@ -39,14 +39,31 @@ __all__ = ["JobConfig", "Variant", "VariantResult", "run_job", "format_results",
 
 @dataclass(frozen=True)
 class Variant:
-    """One pipeline schedule to run: a name of :func:`twobp.pipeline.make_schedule` and 2BP on/off."""
+    """One pipeline schedule to run: a name of :func:`twobp.pipeline.make_schedule` and 2BP on/off.
+
+    ``memory_limit`` (``auto`` only): the most micro-batch chunks a rank may hold from a
+    forward to its P2; None holds as many as the placement wants. Written ``auto@N``."""
 
     schedule: str
     twobp: bool
+    memory_limit: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.schedule}{' +2BP' if self.twobp else ''}"
+        cap = f"@{self.memory_limit}" if self.memory_limit is not None else ""
+        return f"{self.schedule}{cap}{' +2BP' if self.twobp else ''}"
+
+    @classmethod
+    def parse(cls, name: str, twobp: bool) -> "Variant":
+        """``auto@6`` -> Variant("auto", twobp, 6); a plain name -> Variant(name, twobp). Raises
+        ValueError naming the form when the cap is malformed or not on auto."""
+        if "@" not in name:
+            return cls(name, twobp)
+        base, _, n = name.partition("@")
+        if base != "auto" or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{name!r}: a memory cap is written auto@N, N >= 1 micro-batch chunks held per "
+                             "rank from F to P2 (e.g. auto@4); only auto places by memory")
+        return cls(base, twobp, int(n))
 
 
 @dataclass(kw_only=True)
@@ -178,6 +195,10 @@ class JobConfig:
         for v in self.variants:
             if v.schedule not in SCHEDULE_NAMES:
                 raise ValueError(f"unknown schedule {v.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+            if v.memory_limit is not None and (v.schedule != "auto" or isinstance(v.memory_limit, bool)
+                                               or not isinstance(v.memory_limit, int) or v.memory_limit < 1):
+                raise ValueError(f"{v.label}: memory_limit is for auto only and must be an int >= 1 micro-batch "
+                                 f"chunks per rank, got {v.memory_limit!r}")
             if v.schedule == "auto" and self.layout == "loop":
                 continue  # built from measured costs at run time; its checks are the ones below
             import warnings
@@ -240,10 +261,12 @@ class VariantResult:
     """P2 micro-batches each rank carried into the next step (empty: none)."""
     replicas: int = 1
     """Data-parallel replicas that shared each step's batch."""
+    memory_limit: int | None = None
+    """auto's cap: micro-batch chunks a rank held at most from F to P2 (None: no cap)."""
 
     @property
     def label(self) -> str:
-        return Variant(self.schedule, self.twobp).label
+        return Variant(self.schedule, self.twobp, self.memory_limit).label
 
     @property
     def throughput(self) -> float:
@@ -335,7 +358,7 @@ class _Run:
         overlap = cfg.overlap_steps and variant.twobp
         sched = make_schedule(variant.schedule, stages=cfg.stages, microbatches=cfg.microbatches,
                               twobp=variant.twobp, chunks=cfg.chunks, costs=costs, overlap_steps=overlap,
-                              layout=cfg.layout)
+                              layout=cfg.layout, memory_limit=variant.memory_limit)
         self.ex = PipelineExecutor(model.blocks(), model.loss_fn, schedule=sched, device=device,
                                    timeout=cfg.timeout, overlap_steps=overlap, bounds=part.bounds, mesh=mesh,
                                    bucket_mb=cfg.bucket_mb)
@@ -443,7 +466,8 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
         if cfg.checkpoint and run is runs[-1] and mesh.get_local_rank("dp") == 0:
             save_stage_state(run.ex, cfg.checkpoint)
         last = run.last
-        results.append(dict(schedule=run.variant.schedule, twobp=run.variant.twobp, losses=run.losses,
+        results.append(dict(schedule=run.variant.schedule, twobp=run.variant.twobp,
+                            memory_limit=run.variant.memory_limit, losses=run.losses,
                             step_seconds=run.seconds, items_per_step=run.items, unit=run.unit,
                             bubble_fraction=last.timeline.bubble_fraction() if last.timeline else math.nan,
                             peak_bytes=peaks, store_empty=empty, timeline=last.timeline, costs=last.costs,
@@ -520,7 +544,8 @@ def results_to_json(results: Sequence[VariantResult], cfg: JobConfig, machine: s
                    for k, v in dataclasses.asdict(cfg).items() if k != "variants"} | {
             "variants": [dataclasses.asdict(v) for v in cfg.variants]},
         "machine": machine,
-        "rows": [{"schedule": r.schedule, "twobp": r.twobp, f"{r.unit}_per_s": r.throughput,
+        "rows": [{"schedule": r.schedule, "twobp": r.twobp, "memory_limit": r.memory_limit,
+                  f"{r.unit}_per_s": r.throughput,
                   "speedup_vs_first": r.speedup_over(results[0])[0],
                   "speedup_iqr": list(r.speedup_over(results[0])[1:]), "carry": r.carry,
                   "step_seconds": r.step_seconds,

@@ -23,6 +23,7 @@ def test_compare_runs_schedules_that_agree_and_writes_everything(tmp_path):
     payload = json.loads((tmp_path / "r.json").read_text())
     rows = payload["rows"]
     assert [(r["schedule"], r["twobp"]) for r in rows] == [("1f1b", False), ("1f1b", True), ("gpipe", True)]
+    assert [r["memory_limit"] for r in rows] == [None, None, None]
     for r in rows:
         assert r["tokens_per_s"] > 0 and 0 <= r["bubble_fraction"] < 1 and r["store_empty"]
         assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
@@ -143,3 +144,34 @@ def test_v_layout_takes_only_schedules_that_place_chunks_in_a_v():
         main(["run", "--chunks", "2", "--layout", "v", "--schedules", "1f1b"])
     with pytest.raises(SystemExit, match="needs chunks >= 2"):
         main(["run", "--layout", "v", "--schedules", "auto-2bp"])
+
+
+def test_auto_takes_a_memory_cap_on_the_command_line():
+    from twobp.cli import _parse_variants
+
+    got = _parse_variants("1f1b,auto@2-2bp,auto-2bp")
+    assert got == (Variant("1f1b", False), Variant("auto", True, 2), Variant("auto", True))
+    assert [v.label for v in got] == ["1f1b", "auto@2 +2BP", "auto +2BP"]
+    for bad in ("zb-h1@2-2bp", "auto@0-2bp", "auto@x-2bp", "auto@-2bp"):
+        with pytest.raises(Exception, match=r"auto@N"):
+            _parse_variants(bad)
+    with pytest.raises(Exception, match="write auto@3-2bp"):
+        _parse_variants("auto@3")
+    with pytest.raises(ValueError, match="memory_limit is for auto only"):
+        JobConfig(variants=(Variant("1f1b", True, 2),)).preflight()
+    assert main(["train", "--schedule", "1f1b@2", "--quiet"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_memory_capped_auto_trains_the_same_model_in_no_more_saved_memory():
+    """auto@1 holds one micro-batch's P2 set per rank at a time: the same losses as 1F1B, and a
+    store peak no larger than 1F1B + 2BP's, whose first rank holds several."""
+    base = dict(stages=2, steps=2, warmup=0, microbatches=4, batch_size=8, timeout=60.0, quiet=True, out=None)
+    res = run_job(JobConfig(**base, variants=(Variant("1f1b", False), Variant("1f1b", True),
+                                              Variant("auto", True, 1))))
+    plain, split, capped = res
+    assert capped.label == "auto@1 +2BP" and capped.memory_limit == 1 and capped.store_empty
+    assert capped.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert all(c <= s for c, s in zip(capped.peak_bytes, split.peak_bytes)), (capped.peak_bytes, split.peak_bytes)
+    assert capped.peak_bytes[0] < split.peak_bytes[0], (capped.peak_bytes, split.peak_bytes)
