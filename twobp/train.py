@@ -522,7 +522,8 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
             verdict = "faster" if med > 1 else "slower"
         carry = ",".join(map(str, r.carry)) if r.carry else "-"
         rep = f" | {r.throughput / dp:,.0f}" if dp > 1 else ""
-        rows.append(f"| {r.schedule} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f}{rep} | "
+        name = r.schedule + (f"@{r.memory_limit}" if r.memory_limit is not None else "")
+        rows.append(f"| {name} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f}{rep} | "
                     f"{med:.3f}x | {q1:.3f}-{q3:.3f} | {verdict} | {r.bubble_fraction:.1%} | "
                     f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
     return "\n".join(rows)
@@ -633,7 +634,8 @@ def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | Non
             continue
         costs = {k: r.costs[k] for k in ("F", "P1", "P2", "B", "comm") if k in r.costs}
         sched = make_schedule(r.schedule, stages=cfg.stages, microbatches=cfg.microbatches, twobp=True,
-                              chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry), layout=cfg.layout)
+                              chunks=cfg.chunks, costs=costs, overlap_steps=bool(r.carry), layout=cfg.layout,
+                              memory_limit=r.memory_limit)
         plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
         sim = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
         got = r.speedup_over(base)[0]

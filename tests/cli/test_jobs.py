@@ -172,6 +172,28 @@ def test_a_memory_capped_auto_trains_the_same_model_in_no_more_saved_memory():
                                               Variant("auto", True, 1))))
     plain, split, capped = res
     assert capped.label == "auto@1 +2BP" and capped.memory_limit == 1 and capped.store_empty
+    from twobp.train import format_results
+
+    assert "| auto@1 | yes |" in format_results(res)
+
     assert capped.losses == pytest.approx(plain.losses, rel=1e-5)
     assert all(c <= s for c, s in zip(capped.peak_bytes, split.peak_bytes)), (capped.peak_bytes, split.peak_bytes)
     assert capped.peak_bytes[0] < split.peak_bytes[0], (capped.peak_bytes, split.peak_bytes)
+
+
+def test_the_realised_gain_of_a_capped_auto_is_measured_against_the_capped_placement():
+    """At p = 2, m = 4 with equal costs free auto simulates 1.154x over 1F1B and auto@1 0.750x
+    (one micro-batch held per rank serialises the pipeline): the report must use the latter."""
+    from twobp.train import VariantResult, realised_gain
+
+    costs = {"F": 1.0, "P1": 1.0, "P2": 1.0, "B": 2.0, "comm": 0.0}
+
+    def r(schedule, twobp, limit=None):
+        return VariantResult(schedule, twobp, [1.0], [1.0], 10, "tokens", 0.1, [0], True,
+                             costs=costs if twobp else None, memory_limit=limit)
+
+    text = realised_gain([r("1f1b", False), r("auto", True), r("auto", True, 1)],
+                         JobConfig(stages=2, microbatches=4))
+    lines = text.splitlines()
+    assert lines[0].startswith("auto +2BP: simulated 1.154x"), text
+    assert lines[1].startswith("auto@1 +2BP: simulated 0.750x"), text
