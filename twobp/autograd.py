@@ -6,7 +6,7 @@ backward:
 * **Outside a split region** the module is exactly its torch twin under autograd. On the
   torch backend it *runs* as its twin where torch has the op (``op.native_forward``: one
   aten call, whose C++ autograd node computes the fused backward with no Python per op);
-  otherwise (Triton, attention, the scan) backward runs p1 and p2 together
+  otherwise (Triton, RMSNorm, the scan) backward runs p1 and p2 together
   (``op.fused_grads``) and returns the parameter gradients.
 * **Inside** ``split_backward(microbatch=i)`` (and when some parameter trains) the p2 set
   goes into the activation store under ``(owner, i)``. Backward runs p1 and returns input
