@@ -19,8 +19,8 @@ a small dict that p2 reduces into ``.grad`` (``param_grads`` then receives the p
 as its saved set and None as dy), so p1 frees X and dy at once.
 
 ``native_forward`` is normal mode on the torch backend: where torch has the op itself
-at the same speed (F.linear, F.layer_norm, F.conv2d, F.embedding, SDPA for the weightless attention core), the module *is* its torch
-twin outside a split region: one aten call under autograd, whose C++ node runs the fused
+at the same speed (F.linear, F.layer_norm, F.conv2d, F.embedding; SDPA for the weightless
+attention core, in a split region too), the module *is* its torch twin outside a split region: one aten call under autograd, whose C++ node runs the fused
 backward with no Python in it. It returns None where the Triton backend runs, or where
 the op has no such twin; then the split Function runs the contract in both modes.
 
