@@ -21,7 +21,6 @@ to the caches around each GEMM. Both F and P1 + P2 sit on a 2BP schedule's criti
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import statistics
 import sys
@@ -107,8 +106,10 @@ def measure(model_name: str, preset: str, rows: int, rounds: int, warmup: int = 
 def report(rows: list[tuple[str, str, int, dict[str, float]]], command: str, seconds: float) -> str:
     import torch
 
+    from twobp.benchmarks.timing import machine_name
+
     lines = ["# One stage, one process: twobp's modules against torch's", "",
-             f"- machine: {_cpu()}, 1 thread; torch {torch.__version__}",
+             f"- machine: {machine_name(torch.device('cpu'))}; torch {torch.__version__}",
              f"- command: `{command}`",
              "- method: the first half of the model's blocks, one micro-batch; twobp normal mode, twobp inside "
              "split_backward and torch's modules (twobp.revert, same weights) alternate call by call, order "
@@ -128,16 +129,6 @@ def report(rows: list[tuple[str, str, int, dict[str, float]]], command: str, sec
 
 def _vs(t: float, ref: float) -> str:
     return f"{t * 1e3:.1f} ms ({t / ref:.3f}x)"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,13 +57,10 @@ class Variant:
     def parse(cls, name: str, twobp: bool) -> "Variant":
         """``auto@6`` -> Variant("auto", twobp, 6); a plain name -> Variant(name, twobp). Raises
         ValueError naming the form when the cap is malformed or not on auto."""
-        if "@" not in name:
-            return cls(name, twobp)
-        base, _, n = name.partition("@")
-        if base != "auto" or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"{name!r}: a memory cap is written auto@N, N >= 1 micro-batch chunks held per "
-                             "rank from F to P2 (e.g. auto@4); only auto places by memory")
-        return cls(base, twobp, int(n))
+        from .pipeline.generators import split_memory_cap
+
+        base, cap = split_memory_cap(name)
+        return cls(base, twobp, cap)
 
 
 @dataclass(kw_only=True)

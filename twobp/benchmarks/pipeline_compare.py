@@ -69,13 +69,9 @@ _MEMORY_LIMITS = {"auto-h1": 1, "auto-x2h1": 2, "auto-vh1": 2}
 
 def _variant_and_limit(base: str) -> tuple[str, int | None]:
     """``auto-v@6`` -> (``auto-v``, 6); any other name -> (name, None). Raises on a bad N."""
-    if "@" not in base:
-        return base, None
-    variant, _, n = base.partition("@")
-    if variant not in ("auto", "auto-x2", "auto-v") or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"{base!r}: a memory limit is written auto@N, auto-x2@N or auto-v@N with N >= 1 "
-                         "micro-batch chunks held per rank (e.g. auto-v@6-2bp)")
-    return variant, int(n)
+    from ..pipeline.generators import split_memory_cap
+
+    return split_memory_cap(base, ("auto", "auto-x2", "auto-v"))
 
 
 @dataclass(frozen=True)

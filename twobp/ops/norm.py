@@ -62,10 +62,6 @@ def _native(x: Tensor) -> bool:
 _HAS_FUSED_RMS = hasattr(_ATEN, "_fused_rms_norm")  # torch >= 2.8
 
 
-def _has_fused_rms() -> bool:
-    return _HAS_FUSED_RMS
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -100,7 +96,7 @@ def layer_norm_fwd_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 def rms_norm_fwd_ref(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """(Y, rstd): Y = X rstd γ, rstd = 1 / sqrt(mean(X²) + eps) (fp32 for half inputs)."""
-    if _has_fused_rms() and (weight is None or weight.dtype == x.dtype):
+    if _HAS_FUSED_RMS and (weight is None or weight.dtype == x.dtype):
         y, rstd = _ATEN._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         if rstd.dtype == _compute_dtype(x):
             return y, _stat(rstd, x)

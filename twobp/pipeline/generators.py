@@ -33,9 +33,25 @@ from .actions import LAYOUTS, Action, Schedule
 from .costs import Costs, as_costs
 from .lowering import fuse_backward, merge_p2
 
-__all__ = ["make_schedule", "SCHEDULE_NAMES", "interleaved_order"]
+__all__ = ["make_schedule", "SCHEDULE_NAMES", "interleaved_order", "split_memory_cap"]
 
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "auto")
+
+
+def split_memory_cap(name: str, allowed: tuple[str, ...] = ("auto",)) -> tuple[str, int | None]:
+    """``auto@6`` -> (``auto``, 6): a placement name and its memory cap (make_schedule's
+    ``memory_limit``, micro-batch chunks held per rank from F to P2); a name without ``@`` ->
+    (name, None). Raises ValueError naming the form when N is not an int >= 1 or the name
+    before ``@`` is not one of ``allowed``."""
+    if "@" not in name:
+        return name, None
+    base, _, n = name.partition("@")
+    if base not in allowed or not n.isdigit() or int(n) < 1:
+        forms = [f"{a}@N" for a in allowed]
+        written = forms[0] if len(forms) == 1 else f"{', '.join(forms[:-1])} or {forms[-1]}"
+        raise ValueError(f"{name!r}: a memory cap is written {written} with N >= 1 micro-batch chunks held per "
+                         f"rank from F to P2 (e.g. {allowed[-1]}@4); only auto places by memory")
+    return base, int(n)
 
 
 def _check_int(name: str, val, lo: int = 1) -> int:
