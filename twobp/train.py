@@ -400,7 +400,9 @@ def probe_schedule(cfg: JobConfig) -> str:
 def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
     """Per-stage F / P1 / P2 costs, measured on a throw-away 2BP run of :func:`probe_schedule`, and
     the fused backward B on the same schedule without 2BP: each the median over PROBE_STEPS steps
-    after a warm-up one."""
+    after a warm-up one, then the mean over the replicas, so that every replica plans the same
+    schedule (:func:`twobp.pipeline.agree_costs`)."""
+    from .pipeline import agree_costs
     from .pipeline.costs import PROBE_STEPS, median_costs, with_fused_backward
 
     measured = {}
@@ -415,7 +417,7 @@ def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
         measured[split] = median_costs(steps)
         probe.ex.flush()
         del probe
-    return with_fused_backward(measured[True], measured[False])
+    return agree_costs(with_fused_backward(measured[True], measured[False]), mesh)
 
 
 def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:

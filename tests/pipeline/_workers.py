@@ -102,14 +102,15 @@ def run_cases(rank: int, world: int, cases: list[tuple], seed: int, n: int) -> d
 
 
 def die_or_hang(rank: int, world: int, mode: str) -> str:
-    """Rank 1 dies (``exit``) or never answers (``hang``); rank 0 runs a step."""
+    """Rank 1 dies before building its executor (``exit``) or builds it and never answers in
+    the step (``hang``); rank 0 runs a step."""
     torch.set_num_threads(1)
-    if rank == 1:
-        if mode == "exit":
-            os._exit(3)
-        time.sleep(600)
+    if rank == 1 and mode == "exit":
+        os._exit(3)
     sched = make_schedule("1f1b", stages=world, microbatches=4, twobp=True)
     ex = PipelineExecutor(build_blocks(0), loss_fn, schedule=sched, timeout=3)
+    if rank == 1:
+        time.sleep(600)
     x, y = make_batch(0, 8)
     ex.step(x, y, measure=False)
     return "finished?"
@@ -273,3 +274,33 @@ def run_tied_llama(rank: int, world: int, name: str, use_2bp: bool, steps: int) 
     return {"losses": losses, "tied": [p.detach().clone() for p in ex.tied_parameters],
             "materialised": sum(p.numel() for p in model.parameters() if not p.is_meta),
             "own": sum(p.numel() for i in mine for p in meta.blocks()[i].parameters())}
+
+
+def run_dp_plans(rank: int, world: int, carry_on_replica0: bool, costs_by_replica: list[dict]) -> dict:
+    """pp = 2 x dp = 2: ``agree_costs`` of each replica's own costs, then an executor whose 1F1B +
+    2BP schedule carries P2 on replica 0 only (when asked), so the replicas' plans differ."""
+    from twobp.pipeline import agree_costs, init_mesh
+
+    torch.set_num_threads(1)
+    mesh = init_mesh(pp=2, dp=2)
+    replica = mesh.get_local_rank("dp")
+    agreed = agree_costs(costs_by_replica[replica], mesh)
+    sched = make_schedule("1f1b", stages=2, microbatches=4, twobp=True)
+    if carry_on_replica0 and replica == 0:
+        sched = sched.replace(carry=(0, 1))
+    try:
+        PipelineExecutor(build_blocks(7), loss_fn, schedule=sched, timeout=60, mesh=mesh, overlap_steps=True)
+    except ValueError as e:
+        return {"agreed": agreed, "error": str(e)}
+    return {"agreed": agreed, "error": None}
+
+
+def run_ranks_plans(rank: int, world: int, names: list[str]) -> str | None:
+    """Each pipeline rank builds its executor with its own schedule name; the error text, if any."""
+    torch.set_num_threads(1)
+    sched = make_schedule(names[rank], stages=world, microbatches=4, twobp=True)
+    try:
+        PipelineExecutor(build_blocks(7), loss_fn, schedule=sched, timeout=60)
+    except ValueError as e:
+        return str(e)
+    return None

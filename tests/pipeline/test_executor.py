@@ -291,3 +291,37 @@ def test_carried_p2_trains_exactly_like_the_plain_step(name, m):
         assert carrying["carried"][0] > 0
         assert "flush()" in carrying["refused"]
         assert "optim" in carrying["kinds"] and "P2" in carrying["kinds"]
+
+
+@pytest.mark.timeout(300)
+def test_replicas_with_different_plans_are_refused_and_agree_costs_gives_one_plan():
+    """pp = 2 x dp = 2: replica 0 carries P2 into the next step and replica 1 does not (what each
+    replica's own measured costs can decide). Their gradient all-reduces would meet out of order
+    (gloo aborted with a size mismatch, about one run in five under load); every rank refuses the
+    plans at construction instead, naming agree_costs. agree_costs hands every replica the mean
+    of their costs, and identical plans build."""
+    a = {"F": [1.0, 2.0], "P1": [1.0, 1.0], "P2": [0.5, 0.5], "comm": 0.01}
+    b = {"F": [3.0, 2.0], "P1": [2.0, 1.0], "P2": [0.5, 1.5], "comm": 0.03}
+    mean = {"F": [2.0, 2.0], "P1": [1.5, 1.0], "P2": [0.5, 1.0], "comm": 0.02}
+    differ = spawn(W.run_dp_plans, world_size=4, args=(True, [a, b]), timeout=60, join_timeout=200, env=ENV)
+    for out in differ:
+        assert out["agreed"].keys() == mean.keys()
+        for kind, want in mean.items():
+            assert out["agreed"][kind] == pytest.approx(want), kind
+        assert out["error"] is not None and "replicas run different pipeline schedules" in out["error"]
+        assert "carry=0,1" in out["error"] and "agree_costs" in out["error"]
+    same = spawn(W.run_dp_plans, world_size=4, args=(False, [a, b]), timeout=60, join_timeout=200, env=ENV)
+    assert all(out["error"] is None for out in same)
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_ranks_given_different_schedules_are_refused_on_every_rank():
+    """Rank 0 built with 1F1B + 2BP and rank 1 with GPipe + 2BP (what each rank planning auto on
+    its own costs can amount to): both refuse at construction, naming both plans, instead of
+    failing at the first receive's timeout. The same schedule on both builds."""
+    errors = spawn(W.run_ranks_plans, world_size=2, args=(["1f1b", "gpipe"],), timeout=60, join_timeout=200, env=ENV)
+    for err in errors:
+        assert err is not None and "ranks were given different schedules" in err
+        assert "name=1f1b-2bp" in err and "name=gpipe-2bp" in err
+    assert spawn(W.run_ranks_plans, world_size=2, args=(["1f1b", "1f1b"],), timeout=60, join_timeout=200,
+                 env=ENV) == [None, None]

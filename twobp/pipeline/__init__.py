@@ -40,6 +40,7 @@ _LAZY = {
     "pack": ".blocks",
     "unpack": ".blocks",
     "replica_slice": ".parallel",
+    "agree_costs": ".parallel",
     "measure_block_costs": ".block_costs",
     "balance": ".partition",
 }

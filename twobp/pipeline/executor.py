@@ -229,6 +229,9 @@ class PipelineExecutor:
             blocks=block_list, shared=shared, mesh=mesh, group=group, dp_group=dp_group,
             bucket_bytes=int(bucket_mb * 2**20), rank=self.rank, actions=self._lowered.ranks[self.rank],
             carried_chunks={a.chunk for a in self._carry_acts}, stages=self.stages)
+        plan = f"{schedule}\noverlap_steps={bool(overlap_steps)}"
+        self._check_ranks_agree(plan)
+        self._sync.check_replicas_agree(plan)
         self._clock = _Clock(self.device)
         self._static_shapes = static_shapes
         self._shape_key: tuple | None = None  # batch shape the cache below belongs to
@@ -493,6 +496,24 @@ class PipelineExecutor:
         chunk_of = {id(m): c for c, st in self.stages.items() for m in st.modules()}
         return all(e.state.value == "ready" and (e.microbatch, chunk_of.get(id(e.owner))) in allowed
                    for e in store.entries())
+
+    def _check_ranks_agree(self, plan: str) -> None:
+        """Refuse, on every rank alike, pipeline ranks given different schedules (each rank
+        planning ``auto`` on its own measured costs, say): their sends and receives would not
+        pair up, and the step would fail only at the timeout, or run a plan nobody simulated."""
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return
+        plans: list = [None] * world
+        self._collective("comparing the ranks' schedules", dist.all_gather_object, plans, plan, group=self.group)
+        if len(set(plans)) > 1:
+            heads = "; ".join(f"rank {r}: {p.splitlines()[0]!r}" + (" (overlap_steps)" if p.endswith("True") else "")
+                              for r, p in enumerate(plans))
+            raise ValueError(
+                f"the pipeline's ranks were given different schedules ({heads}"
+                f"{'; the same head, different action lists' if len({p.splitlines()[0] for p in plans}) == 1 else ''}): "
+                "give every rank the same schedule and overlap_steps; plan auto on costs every rank shares "
+                "(StepResult.costs of a measured step is the same on every rank)")
 
     def _collective(self, what: str, fn, *args, **kwargs) -> None:
         # Collectives wait on every rank; say which step of the executor hung or failed.

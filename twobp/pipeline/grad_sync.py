@@ -16,6 +16,13 @@ parameters autograd fills), so its buckets are launched asynchronously right aft
 action and only waited for before the optimizer step; they hide behind the P2 of other
 chunks and the bubble, as Megatron's overlapped grad reduce does for zero-bubble
 schedules. Tied parameters are reduced at the end, synchronously (one small tensor).
+
+Replicas issue these all-reduces in the order their schedules make gradients final, and
+collectives meet by issue order: every replica must run the same plan. A plan made from
+each replica's own measured costs can differ (carried P2 on one replica and not on the
+other moves a bucket from before the tied reduction to after it: gloo then aborts with
+"Received data size doesn't match expected size", NCCL hangs). :meth:`GradSync.check_replicas_agree`
+refuses that at construction; :func:`twobp.pipeline.agree_costs` gives replicas one set of costs.
 """
 
 from __future__ import annotations
@@ -114,6 +121,30 @@ class GradSync:
             by_chunk[c] = [prm for prm in stages[c].parameters() if id(prm) not in seen]
             seen.update(id(prm) for prm in by_chunk[c])
         return cls.build(by_chunk, ready, dp_group=dp_group, tied=tied, bucket_bytes=bucket_bytes)
+
+    def check_replicas_agree(self, plan: str) -> None:
+        """Refuse, on every rank alike, replicas whose data-parallel all-reduces would meet out
+        of order: ``plan`` (the rank's schedule as text, with anything else that decides when
+        gradients are final) and the bucket layout must be the same on every replica (one
+        small collective over the replica group; nothing to check without replicas)."""
+        if self.dp_group is None or self.dp_size == 1:
+            return
+        layout = [(b.chunk, self.ready_after.get(b.chunk), [tuple(p.shape) for p in b.params]) for b in self.buckets]
+        mine = (plan, layout, [tuple(p.shape) for p, _ in self.tied])
+        gathered: list = [None] * self.dp_size
+        dist.all_gather_object(gathered, mine, group=self.dp_group)
+        if all(g == mine for g in gathered):
+            return
+        if any(g[0] != mine[0] for g in gathered):
+            heads = "; ".join(f"replica {d}: {g[0].splitlines()[0]!r}" for d, g in enumerate(gathered))
+            raise ValueError(
+                "data-parallel replicas run different pipeline schedules, so their gradient all-reduces would "
+                f"meet out of order ({heads}{'; the same head, different action lists' if len({g[0].splitlines()[0] for g in gathered}) == 1 else ''}). "
+                "Build every replica's schedule from the same costs: twobp.pipeline.agree_costs(costs, mesh) "
+                "averages measured costs over the replicas")
+        raise ValueError("data-parallel replicas hold different parameters on this pipeline rank (shapes or "
+                         "tied copies differ), so their gradient all-reduces cannot pair up: build every replica "
+                         "from the same model and stage cut")
 
     @property
     def active(self) -> bool:

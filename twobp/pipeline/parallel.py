@@ -6,14 +6,21 @@ A :class:`~twobp.pipeline.PipelineExecutor` given ``mesh=`` runs its schedule on
 row and averages gradients over its "dp" column (see :mod:`.grad_sync`). Under
 ``torchrun`` across nodes, keep ``pp`` within a node where possible: pipeline messages
 are frequent and latency-bound, replica all-reduces are large and overlapped.
+
+Every replica must run **one schedule**: their gradient all-reduces meet in the order each
+replica's schedule issues them. A schedule planned on measured costs (``auto``, carried P2)
+is planned on :func:`agree_costs` (the replicas' mean), not on each replica's own figures;
+the executor checks the replicas' plans at construction and refuses ones that differ.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_mesh", "replica_slice"]
+__all__ = ["agree_costs", "init_mesh", "replica_slice"]
 
 
 def init_mesh(*, pp: int, dp: int = 1, device_type: str | None = None):
@@ -42,3 +49,31 @@ def replica_slice(batch: torch.Tensor, mesh) -> torch.Tensor:
         raise ValueError(f"a global batch of {batch.shape[0]} rows does not split into {dp} equal replica "
                          f"shares; use a multiple of {dp}")
     return batch.chunk(dp)[mesh.get_local_rank("dp")]
+
+
+def agree_costs(costs: Mapping[str, Any], mesh) -> dict:
+    """The mean over the mesh's replicas of each replica's measured ``costs`` (the executor's
+    mapping form: per kind, a number or one per stage), the same on every replica (a
+    collective over the "dp" group; with one replica, ``costs`` as a dict).
+
+    Measured figures differ between replicas (a neighbour's burst, page faults), and so do
+    the plans ``auto`` or the carried-P2 choice make of them; replicas running different
+    plans would issue their gradient all-reduces in different orders (gloo then fails with
+    "Received data size doesn't match expected size", NCCL hangs). Plan on this instead."""
+    mine = dict(costs)
+    if mesh is None or mesh.size(0) == 1:
+        return mine
+    gathered: list[Any] = [None] * mesh.size(0)
+    dist.all_gather_object(gathered, mine, group=mesh.get_group("dp"))
+    if any(set(g) != set(mine) for g in gathered):
+        raise ValueError(f"agree_costs: replicas measured different cost kinds: {[sorted(g) for g in gathered]}")
+    out: dict = {}
+    for kind in mine:
+        vals = [g[kind] for g in gathered]
+        if isinstance(vals[0], (list, tuple)):
+            if len({len(v) for v in vals}) != 1:
+                raise ValueError(f"agree_costs: replicas disagree on the number of stages for {kind}: {vals}")
+            out[kind] = [sum(col) / len(col) for col in zip(*vals)]
+        else:
+            out[kind] = sum(vals) / len(vals)
+    return out
