@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     if rank:
         return None
     return dict(probe=probe, own=median_costs(own), walls=walls, fused=(_fused(plan_a.schedule), _fused(plan_b.schedule)),
-                heads=(str(plan_a.schedule).splitlines()[0], str(plan_b.schedule).splitlines()[0]))
+                machine=machine_name(device), heads=(str(plan_a.schedule).splitlines()[0], str(plan_b.schedule).splitlines()[0]))
 
 
 def _report(res: dict, args: argparse.Namespace, seconds: float) -> str:
@@ -79,7 +79,7 @@ def _report(res: dict, args: argparse.Namespace, seconds: float) -> str:
     return "\n".join([
         "# auto re-planned on its own steps' costs",
         "",
-        f"- machine: {machine_name(torch.device('cpu'))}, 2 gloo ranks x 1 thread; torch {torch.__version__}",
+        f"- machine: {res['machine']} per rank, 2 gloo ranks; torch {torch.__version__}",
         f"- command: `python bench/replan_auto.py --model {args.model} --preset {args.preset} --microbatches "
         f"{args.microbatches} --batch-size {args.batch_size} --rounds {args.rounds}` ({seconds:.0f} s)",
         "- A: auto on the probe's costs; B: auto on the costs A measured in its own steps "
