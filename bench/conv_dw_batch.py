@@ -12,25 +12,13 @@ concatenated batch (concatenation not timed). One thread; medians of ``--reps``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from twobp.benchmarks.timing import machine_name
+from twobp.benchmarks.timing import machine_name, median_seconds
 from twobp.models import build
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _dw(conv: torch.nn.Conv2d, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -64,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     for conv, xs, ys in seen:
         xb, dyb = torch.randn(k * xs[0], *xs[1:]), torch.randn(k * ys[0], *ys[1:])
         parts = list(zip(xb.chunk(k), dyb.chunk(k)))
-        t_sep = _median_ms(lambda: [_dw(conv, a, b) for a, b in parts], args.reps)
-        t_one = _median_ms(lambda: _dw(conv, xb, dyb), args.reps)
+        cpu = torch.device("cpu")
+        t_sep = median_seconds(lambda: [_dw(conv, a, b) for a, b in parts], device=cpu, reps=args.reps) * 1e3
+        t_one = median_seconds(lambda: _dw(conv, xb, dyb), device=cpu, reps=args.reps) * 1e3
         per_mb, batched = per_mb + t_sep, batched + t_one
         rows.append(f"| {tuple(conv.weight.shape)} | {tuple(xs[1:])} | {t_sep:.2f} | {t_one:.2f} | {t_one / t_sep:.2f}x |")
     text = "\n".join([

@@ -50,7 +50,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         if k > 0:
             own.append(plan_a.last.costs)
     # kinds A never ran (every backward fused, say) keep the probe's figure
-    replanned = {**probe, **median_costs(own)}
+    own_costs = median_costs(own)
+    replanned = {**probe, **own_costs}
     plan_b = T._Run(cfg, T.Variant("auto", True), mesh, device, replanned)
     walls: dict[str, list[float]] = {"A": [], "B": []}
     for r in range(args.rounds):
@@ -66,7 +67,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     plan_b.ex.flush()
     if rank:
         return None
-    return dict(probe=probe, own=median_costs(own), walls=walls, fused=(_fused(plan_a.schedule), _fused(plan_b.schedule)),
+    return dict(probe=probe, own=own_costs, walls=walls, fused=(_fused(plan_a.schedule), _fused(plan_b.schedule)),
                 machine=machine_name(device), heads=(str(plan_a.schedule).splitlines()[0], str(plan_b.schedule).splitlines()[0]))
 
 

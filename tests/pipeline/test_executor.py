@@ -325,3 +325,17 @@ def test_pipeline_ranks_given_different_schedules_are_refused_on_every_rank():
         assert "name=1f1b-2bp" in err and "name=gpipe-2bp" in err
     assert spawn(W.run_ranks_plans, world_size=2, args=(["1f1b", "1f1b"],), timeout=60, join_timeout=200,
                  env=ENV) == [None, None]
+
+
+def test_describe_plans_names_what_differs():
+    """The refusal's text: each plan's head; the settings line where only it differs; and a note
+    when the heads match and only the action lists differ."""
+    from twobp.pipeline.grad_sync import describe_plans
+
+    a, b = "schedule name=x\nrank 0: F0.0\noverlap_steps=True", "schedule name=x\nrank 0: F0.0\noverlap_steps=False"
+    assert describe_plans([a, b], "rank") == ("rank 0: 'schedule name=x overlap_steps=True'; "
+                                              "rank 1: 'schedule name=x overlap_steps=False'")
+    c = "schedule name=x\nrank 0: B0.0\noverlap_steps=True"
+    assert describe_plans([a, c], "replica").endswith("; the same head, different action lists")
+    assert describe_plans(["schedule name=x\nq", "schedule name=y\nq"], "replica") == \
+        "replica 0: 'schedule name=x'; replica 1: 'schedule name=y'"

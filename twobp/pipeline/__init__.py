@@ -17,7 +17,7 @@ Executor names are imported lazily so that schedule work does not need torch.dis
 
 from .actions import LAYOUTS, Action, B, F, P1, P2, Schedule, parse_action
 from .auto import auto_report, auto_schedule, lower_bound
-from .costs import UNIT_COSTS, Costs, MemorySizes, as_costs, median_costs, with_fused_backward
+from .costs import UNIT_COSTS, Costs, MemorySizes, as_costs, mean_costs, median_costs, with_fused_backward
 from .generators import SCHEDULE_NAMES, make_schedule
 from .lowering import fuse_backward, lower_comm, merge_p2
 from .simulate import SimResult, simulate
@@ -47,7 +47,7 @@ _LAZY = {
 
 __all__ = [
     "Action", "B", "F", "P1", "P2", "Schedule", "parse_action", "LAYOUTS",
-    "Costs", "MemorySizes", "UNIT_COSTS", "as_costs", "median_costs", "with_fused_backward",
+    "Costs", "MemorySizes", "UNIT_COSTS", "as_costs", "mean_costs", "median_costs", "with_fused_backward",
     "SCHEDULE_NAMES", "make_schedule", "auto_schedule", "auto_report", "lower_bound",
     "fuse_backward", "lower_comm", "merge_p2",
     "ScheduleError", "validate",

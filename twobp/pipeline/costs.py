@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, fields
 from typing import Mapping, Sequence, Union
 
-__all__ = ["Costs", "MemorySizes", "as_costs", "median_costs", "with_fused_backward", "PROBE_STEPS", "UNIT_COSTS"]
+__all__ = ["Costs", "MemorySizes", "as_costs", "mean_costs", "median_costs", "with_fused_backward", "PROBE_STEPS", "UNIT_COSTS"]
 
 Number = Union[int, float]
 PerStage = Union[Number, Sequence[Number]]
@@ -123,8 +123,17 @@ def median_costs(measured: Sequence[Mapping]) -> dict:
     half on a busy CPU (a first step's page faults, a neighbour's burst); ``auto`` places by
     these figures, so probes measure several steps and take this. Kinds missing from any step
     are left out."""
+    return _per_kind(measured, statistics.median, "median_costs")
+
+
+def mean_costs(measured: Sequence[Mapping]) -> dict:
+    """Element-wise mean of several measured costs (as :func:`median_costs`, the mean instead)."""
+    return _per_kind(measured, statistics.fmean, "mean_costs")
+
+
+def _per_kind(measured: Sequence[Mapping], reduce, who: str) -> dict:
     if not measured:
-        raise ValueError("median_costs needs at least one step's costs")
+        raise ValueError(f"{who} needs at least one measurement")
     out: dict = {}
     for kind in measured[0]:
         vals = [m[kind] for m in measured if kind in m]
@@ -132,10 +141,10 @@ def median_costs(measured: Sequence[Mapping]) -> dict:
             continue
         if isinstance(vals[0], (list, tuple)):
             if len({len(v) for v in vals}) != 1:
-                raise ValueError(f"median_costs: steps disagree on the number of stages for {kind}")
-            out[kind] = [statistics.median(col) for col in zip(*vals)]
+                raise ValueError(f"{who}: measurements disagree on the number of stages for {kind}")
+            out[kind] = [reduce(col) for col in zip(*vals)]
         else:
-            out[kind] = statistics.median(vals)
+            out[kind] = reduce(vals)
     return out
 
 

@@ -43,7 +43,7 @@ from .lowering import comm_peer, lower_comm, message_key, receive_in_send_order
 from ..host_memory import keep_freed_host_memory
 from ..store import ActivationStore
 from .overlap import split_tail
-from .grad_sync import GradSync
+from .grad_sync import GradSync, describe_plans
 from .optimizer_step import OptimizerStep
 from .partition import BlockLike, Partition, partition_blocks, shared_across_ranks
 from .timeline import Event, Timeline
@@ -507,13 +507,10 @@ class PipelineExecutor:
         plans: list = [None] * world
         self._collective("comparing the ranks' schedules", dist.all_gather_object, plans, plan, group=self.group)
         if len(set(plans)) > 1:
-            heads = "; ".join(f"rank {r}: {p.splitlines()[0]!r}" + (" (overlap_steps)" if p.endswith("True") else "")
-                              for r, p in enumerate(plans))
             raise ValueError(
-                f"the pipeline's ranks were given different schedules ({heads}"
-                f"{'; the same head, different action lists' if len({p.splitlines()[0] for p in plans}) == 1 else ''}): "
-                "give every rank the same schedule and overlap_steps; plan auto on costs every rank shares "
-                "(StepResult.costs of a measured step is the same on every rank)")
+                f"the pipeline's ranks were given different schedules ({describe_plans(plans, 'rank')}): give every "
+                "rank the same schedule and overlap_steps; plan auto on costs every rank shares (StepResult.costs "
+                "of a measured step is the same on every rank)")
 
     def _collective(self, what: str, fn, *args, **kwargs) -> None:
         # Collectives wait on every rank; say which step of the executor hung or failed.

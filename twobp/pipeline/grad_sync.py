@@ -34,7 +34,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradSync", "Bucket"]
+__all__ = ["GradSync", "Bucket", "describe_plans"]
+
+
+def describe_plans(plans: Sequence[str], who: str) -> str:
+    """The first line of each ``who``'s plan (a schedule as text, then any settings on its last
+    line), for an error that refuses plans which differ: with the last lines where those differ,
+    and saying so when only the action lists between them differ."""
+    lines = [p.splitlines() for p in plans]
+    tails_differ = len({ln[-1] for ln in lines}) > 1
+    heads = [ln[0] + (f" {ln[-1]}" if tails_differ else "") for ln in lines]
+    text = "; ".join(f"{who} {i}: {h!r}" for i, h in enumerate(heads))
+    return text + ("; the same head, different action lists" if len(set(heads)) == 1 else "")
 
 
 @dataclass
@@ -136,12 +147,11 @@ class GradSync:
         if all(g == mine for g in gathered):
             return
         if any(g[0] != mine[0] for g in gathered):
-            heads = "; ".join(f"replica {d}: {g[0].splitlines()[0]!r}" for d, g in enumerate(gathered))
             raise ValueError(
                 "data-parallel replicas run different pipeline schedules, so their gradient all-reduces would "
-                f"meet out of order ({heads}{'; the same head, different action lists' if len({g[0].splitlines()[0] for g in gathered}) == 1 else ''}). "
-                "Build every replica's schedule from the same costs: twobp.pipeline.agree_costs(costs, mesh) "
-                "averages measured costs over the replicas")
+                f"meet out of order ({describe_plans([g[0] for g in gathered], 'replica')}). Build every replica's "
+                "schedule from the same costs: twobp.pipeline.agree_costs(costs, mesh) averages measured costs "
+                "over the replicas")
         raise ValueError("data-parallel replicas hold different parameters on this pipeline rank (shapes or "
                          "tied copies differ), so their gradient all-reduces cannot pair up: build every replica "
                          "from the same model and stage cut")

@@ -60,20 +60,14 @@ def agree_costs(costs: Mapping[str, Any], mesh) -> dict:
     the plans ``auto`` or the carried-P2 choice make of them; replicas running different
     plans would issue their gradient all-reduces in different orders (gloo then fails with
     "Received data size doesn't match expected size", NCCL hangs). Plan on this instead."""
+    from .costs import mean_costs
+
     mine = dict(costs)
     if mesh is None or mesh.size(0) == 1:
         return mine
     gathered: list[Any] = [None] * mesh.size(0)
     dist.all_gather_object(gathered, mine, group=mesh.get_group("dp"))
     if any(set(g) != set(mine) for g in gathered):
-        raise ValueError(f"agree_costs: replicas measured different cost kinds: {[sorted(g) for g in gathered]}")
-    out: dict = {}
-    for kind in mine:
-        vals = [g[kind] for g in gathered]
-        if isinstance(vals[0], (list, tuple)):
-            if len({len(v) for v in vals}) != 1:
-                raise ValueError(f"agree_costs: replicas disagree on the number of stages for {kind}: {vals}")
-            out[kind] = [sum(col) / len(col) for col in zip(*vals)]
-        else:
-            out[kind] = sum(vals) / len(vals)
-    return out
+        raise ValueError(f"agree_costs: replicas measured different cost kinds: {[sorted(g) for g in gathered]}; "
+                         "measure every replica with the same probe schedule")
+    return mean_costs(gathered)
