@@ -40,6 +40,7 @@ from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from .backend import forced_backend, pinned_backend, resolve_backend
 from .ops.base import SplitOp
@@ -218,13 +219,15 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
     what the op computes with (the same, or their autocast copies)."""
     p_needs = tuple([p is not None and p.requires_grad for p in params])
     split = current_split()
+    if _FUNCTORCH_ACTIVE() or _forward_ad._current_level >= 0:
+        return _traced_forward(op, label, inputs, compute_params, split is not None and True in p_needs)
     if not torch.is_grad_enabled():
         if split is not None and True in p_needs and _under_reentrant_checkpoint():
             _warn_split_off(label)
         return _forward_only(op, inputs, compute_params)
     if not _any_requires_grad(inputs) and not _any_requires_grad(compute_params):
         return _forward_only(op, inputs, compute_params)
-    if split is not None and True in p_needs and not _in_backward():
+    if split is not None and True in p_needs and not _in_backward() and _leaves(params, p_needs, label):
         _refuse_ddp_forward(label)
         # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
         # views share their version counters, so in-place edits are still caught. The
@@ -238,6 +241,36 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         if out is not None:
             return out
     return _SplitFunction.apply(_Call(op, owner, label, len(inputs), None, p_needs, ()), *inputs, *compute_params)
+
+
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _traced_forward(op: SplitOp, label: str, inputs: tuple, params: tuple, split: bool) -> Tensor:
+    """Under torch.func transforms (grad, vmap, jacrev, jvp) or forward-mode AD: the op in plain
+    torch ops (``op.differentiable_forward``), which they trace as they trace torch's modules; a
+    custom autograd Function would need rules of its own for each transform."""
+    if split:
+        raise NotImplementedError(
+            f"{label}: a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD inside "
+            "twobp.split_backward: p2 computes the weight gradients outside autograd, where the transform "
+            "cannot follow them. Run the transformed function outside split_backward.")
+    return op.differentiable_forward(inputs, params)
+
+
+def _leaves(params: tuple, p_needs: tuple[bool, ...], label: str) -> bool:
+    """Whether every parameter that needs a gradient is a leaf, so p2 can put it in ``.grad``.
+    A computed weight (a parametrization such as weight_norm, ``torch.func.functional_call``
+    with weights derived from others) has to send its gradient back through autograd to what
+    it was computed from: that call is not split (warned once per module)."""
+    for p, need in zip(params, p_needs):
+        if need and not p.is_leaf:
+            _warn_once(label, f"twobp: {label} ran inside split_backward with a weight computed by autograd "
+                              "(a parametrization such as weight_norm, or functional_call with derived weights): "
+                              "its gradient must flow back through autograd to what it is computed from, so this "
+                              "call computes dW with dX in its backward (correct, not deferred to p2).")
+            return False
+    return True
 
 
 def _any_requires_grad(tensors: tuple) -> bool:
@@ -313,13 +346,15 @@ def _anchor() -> Tensor:
 _warned: set[str] = set()
 
 
-def _warn_split_off(label: str) -> None:
-    if label in _warned:
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
         return
-    _warned.add(label)
-    warnings.warn(
-        f"twobp: {label} ran its forward inside split_backward under activation checkpointing with "
-        "use_reentrant=True, which recomputes the forward inside backward: its weight gradients will "
-        "not be deferred to p2 but computed with dX (correct, but no 2BP). Use "
-        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) to keep the split.",
-        UserWarning, stacklevel=4)
+    _warned.add(key)
+    warnings.warn(message, UserWarning, stacklevel=5)
+
+
+def _warn_split_off(label: str) -> None:
+    _warn_once(label, f"twobp: {label} ran its forward inside split_backward under activation checkpointing with "
+                      "use_reentrant=True, which recomputes the forward inside backward: its weight gradients will "
+                      "not be deferred to p2 but computed with dX (correct, but no 2BP). Use "
+                      "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) to keep the split.")

@@ -128,7 +128,10 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
         e = waiting[0]
         raise RuntimeError(
             f"backward_p2 for micro-batch {e.microbatch} of {e.label} before its p1: run the "
-            "backward of that micro-batch's loss (or output) first")
+            "backward of that micro-batch's loss (or output) first. (A backward restricted to the "
+            "parameters, loss.backward(inputs=[...]) or torch.autograd.grad(loss, params), does not reach "
+            "a split forward's p1: inside split_backward the weights are not autograd inputs, and their "
+            "gradients come from backward_p2 after a backward to the inputs or with no inputs= at all.)")
     if waiting:  # microbatches=None: run what is ready, say what still waits
         labels = sorted({f"{e.label} (micro-batch {e.microbatch})" for e in waiting})
         warnings.warn(
@@ -148,13 +151,25 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
             f"backward_p2: nothing is pending for {type(module_or_model).__name__}: no forward of it ran "
             "inside twobp.split_backward since the last p2, so there is no deferred gradient to compute "
             "(a forward outside the region already put its gradients in .grad).", UserWarning, stacklevel=3)
-    # one batched p2 per (owner, op kind): a module may call two kinds of op on its
-    # parameters (TwoBPAttention: a packed projection, or grouped ones for cross-attention)
-    by_owner: dict[tuple[int, type], list[Entry]] = defaultdict(list)
+    # one batched p2 per (owner, op, parameters, mask): a module may call two kinds of op on
+    # its parameters (TwoBPAttention: a packed projection, or grouped ones for cross-attention),
+    # and its calls under different micro-batches may have seen other Parameter objects (a
+    # weight replaced between forwards) or other requires_grad flags (a layer frozen for some
+    # micro-batches): each group's gradients go to exactly the parameters its forwards used
+    by_call: dict[tuple, list[Entry]] = defaultdict(list)
     for e in ready:
-        by_owner[(e.owner_id, type(e.op))].append(e)
-    _run_p2_groups(list(by_owner.values()), batched)
+        by_call[(e.owner_id, _op_key(e.op), tuple(map(id, e.params)), e.param_mask)].append(e)
+    _run_p2_groups(list(by_call.values()), batched)
     return len(ready)
+
+
+def _op_key(op) -> object:
+    """Entries whose ops are equal (frozen dataclasses: same kind and settings) batch together."""
+    try:
+        hash(op)
+    except TypeError:
+        return id(op)
+    return op
 
 
 _DP_ALTERNATIVE = ("2BP computes weight gradients after the backward, when DDP and FSDP have already reduced "
@@ -214,7 +229,8 @@ def _run_p2_groups(groups: list[list[Entry]], batched: bool) -> None:
         op = first.op
         for chunk in ([group] if batched else [[e] for e in group]):
             taken = [e.take_p2() for e in chunk]
-            op.param_grads([dy for dy, _ in taken], [s for _, s in taken], grads)
+            if any(g is not None for g in grads):  # else every parameter was frozen before p1
+                op.param_grads([dy for dy, _ in taken], [s for _, s in taken], grads)
             for e in chunk:
                 e.close()
     for p, g in fresh.values():

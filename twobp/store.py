@@ -102,7 +102,7 @@ class Entry:
     """
 
     __slots__ = ("store", "_owner", "owner_id", "label", "microbatch", "op", "params", "param_mask", "state",
-                 "p2", "dy", "seq", "_keys", "_versions", "_param_versions")
+                 "p2", "dy", "seq", "_keys", "_versions", "_param_versions", "_dy_version")
 
     def __init__(self, store: "ActivationStore", owner: Hashable, label: str, microbatch: int,
                  op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]):
@@ -120,6 +120,7 @@ class Entry:
         self.state = EntryState.FORWARD
         self.p2: dict[str, Tensor] | None = p2
         self.dy: Tensor | None = None
+        self._dy_version = 0
         self.seq = next(_seq)
         self._keys: set[tuple[int, int]] = set()
         self._versions = record_versions(p2)
@@ -148,7 +149,10 @@ class Entry:
     def begin_p1(self) -> bool:
         """p1 is about to run for this entry: it must be the first time. Returns whether p1
         should deposit dy: False when the entry was dropped (its module was garbage-collected,
-        so no p2 can ever be asked for it; dX is still needed)."""
+        so no p2 can ever be asked for it; dX is still needed).
+
+        A parameter whose ``requires_grad`` was turned off since the forward gets no gradient,
+        as torch's own AccumulateGrad decides at backward time: the mask is narrowed here."""
         if self.state is EntryState.CLOSED:
             return False
         if self.state is not EntryState.FORWARD:
@@ -157,12 +161,15 @@ class Entry:
                 "forward run inside twobp.split_backward may run only once (retain_graph=True and "
                 "backward twice through the same split forward are not supported: the second pass "
                 "would deposit its dy twice). Run such a forward outside split_backward.")
+        self.param_mask = tuple([need and p is not None and p.requires_grad
+                                 for p, need in zip(self.params, self.param_mask)])
         return True
 
     def deposit_dy(self, dy: Tensor) -> None:
         """Finish p1: keep dy for p2; the entry becomes ready."""
         with self.store._lock:
             self.dy = dy
+            self._dy_version = dy._version
             self.state = EntryState.READY
             self.store._refresh(self)
 
@@ -185,6 +192,12 @@ class Entry:
         p2 = self.p2 or {}
         where = f"{self.label} micro-batch {self.microbatch} (p2)"
         check_versions(p2, self._versions, where)
+        if self.dy is not None and self.dy._version != self._dy_version:
+            raise RuntimeError(
+                f"the output gradient p1 received for {where} was modified in place before p2 (a gradient "
+                "buffer passed to backward() and reused, or edited by a hook): 2BP keeps that tensor until "
+                "p2 computes the weight gradient from it, so pass backward() a tensor you do not reuse "
+                "until backward_p2 has run (e.g. y.backward(g.clone())). " + _RECOVER)
         for i, (p, v) in enumerate(zip(self.params, self._param_versions)):
             if p is not None and self.param_mask[i] and p._version != v:
                 raise RuntimeError(
