@@ -100,6 +100,8 @@ def throughput_table(cfg: CompareConfig, results: list[ContenderResult]) -> tupl
         name = c.schedule if c.implementation == "torch" else (c.base_schedule + (" +2BP" if c.twobp else ""))
         if c.implementation == "torch" and c.modules == "twobp":
             name += " (twobp modules)"
+        if r.extra.get("memory_cap") is not None:
+            name += f" (cap {r.extra['memory_cap']})"
         if r.error is not None:
             lines.append(f"| {c.implementation} | {name} | | | failed | | `{r.error[:120]}` | | | |")
             continue
@@ -178,6 +180,7 @@ def json_rows(cfg: CompareConfig, results: list[ContenderResult]) -> list[dict]:
                         "step_seconds": r.step_seconds, "peak_saved_bytes": r.peak_saved_bytes,
                         "loss": r.losses[-1], "losses": r.losses, "carry": r.extra.get("carry"),
                         "fused_backwards": r.extra.get("fused"),
+                        "memory_cap": r.extra.get("memory_cap"), "cap_search": r.extra.get("cap_search"),
                         "breakdown_s": r.breakdown,
                         "vs_torch_1f1b": paired_ratio(r, ref)[0] if ref else None})
         rows.append(row)
@@ -199,7 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=2, help="pipeline ranks (default 2)")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds, one step of every contender each")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--ours", default=",".join(DEFAULT_OURS), help="twobp schedules (suffix -2bp: split); auto-h1 is auto held to ZB-H1's memory (at most p micro-batches per rank); auto-x2 places over two chunks per rank (looped), auto-x2h1 both; auto-v over two chunks per rank in the V layout (as torch's ScheduleZBVZeroBubble), auto-vh1 that within 1F1B's memory; auto@N, auto-x2@N, auto-v@N hold at most N micro-batch chunks per rank (e.g. auto-v@6-2bp)")
+    p.add_argument("--ours", default=",".join(DEFAULT_OURS), help="twobp schedules (suffix -2bp: split); auto-h1 is auto held to ZB-H1's memory (at most p micro-batches per rank); auto-x2 places over two chunks per rank (looped), auto-x2h1 both; auto-v over two chunks per rank in the V layout (as torch's ScheduleZBVZeroBubble), auto-vh1 that within 1F1B's memory; auto@N, auto-x2@N, auto-v@N hold at most N micro-batch chunks per rank (e.g. auto-v@6-2bp); auto@zb, auto-x2@zb, auto-v@zb hold the largest N whose measured peak fits torch's leanest zero-bubble schedule's, in the same run")
     p.add_argument("--torch", default=",".join(DEFAULT_TORCH), help="torch.distributed.pipelining schedules")
     p.add_argument("--torch-with-twobp-modules", action="store_true",
                    help="also run torch's Schedule1F1B on the twobp modules (the runtimes alone compared)")

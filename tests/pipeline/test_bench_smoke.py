@@ -70,6 +70,42 @@ def test_compare_torch_pipelining_runs_and_writes_the_asked_rows(tmp_path):
     assert "Stage cut (balanced; block bounds, the same for both runtimes): 2 stages [0, " in text, text
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_auto_at_zb_holds_the_largest_cap_whose_measured_peak_fits_torchs_zero_bubble(tmp_path):
+    """auto@zb measures torch's leanest zero-bubble peak in the run and walks the cap down from
+    no cap until a measured peak fits: it runs at that cap, within that peak, with equal losses."""
+    import json
+
+    import compare_torch_pipelining as bench
+
+    out, js = tmp_path / "r.md", tmp_path / "r.json"
+    assert bench.main(["--model", "llama", "--preset", "tiny", "--microbatches", "4", "--batch-size", "8",
+                       "--rounds", "1", "--warmup", "1", "--out", str(out), "--json", str(js), "--timeout", "60",
+                       "--ours", "auto-2bp,auto@zb-2bp,auto-v@zb-2bp",
+                       "--torch", "Schedule1F1B,ScheduleZBVZeroBubble"]) == 0
+    rows = {(r["implementation"], r["schedule"]): r for r in json.loads(js.read_text())}
+    budget = max(rows["torch", "ScheduleZBVZeroBubble"]["peak_saved_bytes"])
+    for name, chunks in (("auto@zb", 1), ("auto-v@zb", 2)):
+        r = rows["twobp", name]
+        assert "error" not in r, r
+        caps = [n for n, _ in r["cap_search"]]
+        assert caps == list(range(4 * chunks, r["memory_cap"] - 1, -1)), r["cap_search"]
+        assert r["cap_search"][-1][1] <= budget < min((b for _, b in r["cap_search"][:-1]), default=budget + 1)
+        assert max(r["peak_saved_bytes"]) <= budget, (r["peak_saved_bytes"], budget)
+        assert r["loss"] == pytest.approx(rows["twobp", "auto"]["loss"], rel=1e-4)
+    assert "auto@zb +2BP (cap " in out.read_text()
+
+
+def test_auto_at_zb_needs_a_torch_zero_bubble_schedule_in_the_run():
+    from twobp.benchmarks.pipeline_compare import CompareConfig
+
+    with pytest.raises(ValueError, match="add ScheduleInterleavedZeroBubble or ScheduleZBVZeroBubble"):
+        CompareConfig(ours=("auto@zb-2bp",), torch_schedules=("Schedule1F1B",))
+    with pytest.raises(ValueError, match="needs 2BP"):
+        CompareConfig(ours=("auto@zb",))
+
+
 def test_loss_gaps_per_step_show_where_contenders_part():
     """Per step, the largest relative gap to the first contender; errored contenders are left
     out, and losses_agree is the largest of them."""

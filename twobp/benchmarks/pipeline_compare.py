@@ -65,13 +65,22 @@ within 1F1B's memory (vh1). ``auto@N``, ``auto-x2@N``, ``auto-v@N``: the same pl
 N micro-batch chunks per rank from F to P2 (a budget between 1F1B's and all of them)."""
 _MEMORY_LIMITS = {"auto-h1": 1, "auto-x2h1": 2, "auto-vh1": 2}
 """The named limits, in micro-batch chunks per rank per pipeline rank (x stages)."""
+_CAPPED = ("auto", "auto-x2", "auto-v")
+"""The placements that take a memory cap ``@N`` or ``@zb``."""
+FITS_TORCH_ZB = "@zb"
+"""``auto@zb``, ``auto-x2@zb``, ``auto-v@zb``: the placement held to the largest cap N whose peak
+saved bytes, measured in this run, fit in the smallest peak of torch's zero-bubble schedules (the
+issue's "faster at no more memory" bar, met by construction instead of by a sweep over N)."""
 
 
 def _variant_and_limit(base: str) -> tuple[str, int | None]:
-    """``auto-v@6`` -> (``auto-v``, 6); any other name -> (name, None). Raises on a bad N."""
+    """``auto-v@6`` -> (``auto-v``, 6); ``auto@zb`` -> (``auto``, None), its cap chosen at run
+    time; any other name -> (name, None). Raises on a bad N."""
     from ..pipeline.generators import split_memory_cap
 
-    return split_memory_cap(base, ("auto", "auto-x2", "auto-v"))
+    if base.endswith(FITS_TORCH_ZB) and base[:-len(FITS_TORCH_ZB)] in _CAPPED:
+        return base[:-len(FITS_TORCH_ZB)], None
+    return split_memory_cap(base, _CAPPED)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,11 @@ class Contender:
     def variant(self) -> str:
         """The placement without an ``@N`` memory limit (``auto-v@6`` -> ``auto-v``)."""
         return _variant_and_limit(self.base_schedule)[0]
+
+    @property
+    def fits_torch_zb(self) -> bool:
+        """``auto@zb``-like: its cap is chosen in the run, to fit torch's leanest ZB schedule."""
+        return self.twobp and self.base_schedule.endswith(FITS_TORCH_ZB)
 
     @property
     def schedule_name(self) -> str:
@@ -197,9 +211,13 @@ class CompareConfig:
                                  "within ZB-H1's memory), auto-x2 (over two looped chunks per rank), auto-x2h1 "
                                  "(both), auto-v (two chunks per rank in the V layout), auto-vh1 (that within "
                                  "1F1B's memory), auto@N / auto-x2@N / auto-v@N (held to N micro-batch chunks "
-                                 "per rank); add -2bp for 2BP")
+                                 "per rank), auto@zb / auto-x2@zb / auto-v@zb (held to the largest N that fits "
+                                 "torch's leanest zero-bubble peak); add -2bp for 2BP")
             if base.startswith("auto") and not s.endswith("-2bp"):
                 raise ValueError(f"{base} places P2, so it needs 2BP: use {base}-2bp")
+        if any(c.fits_torch_zb for c in self.contenders()) and not any("ZeroBubble" in s for s in self.torch_schedules):
+            raise ValueError(f"{FITS_TORCH_ZB} holds auto to the peak of torch's zero-bubble schedules in the same run: "
+                             "add ScheduleInterleavedZeroBubble or ScheduleZBVZeroBubble to the torch schedules")
         for s in self.torch_schedules:
             if s not in TORCH_SCHEDULES:
                 raise ValueError(f"unknown torch schedule {s!r}; use one of {TORCH_SCHEDULES}")
@@ -258,13 +276,13 @@ class _Timer:
 
 class _OursRunner:
     def __init__(self, contender: Contender, model, world: int, cfg: CompareConfig, device, costs=None,
-                 overlap: bool = False, bounds=None):
+                 overlap: bool = False, bounds=None, limit: int | None = None):
         from ..pipeline import PipelineExecutor, make_schedule
 
         # a memory cap holds with carried P2 too: the executor runs what a rank carries at the
         # head of its next step, before that step's first forward, so carrying a step's trailing
         # P2 keeps its sets only until then, past the step's peak
-        limit = contender.memory_limit(world)
+        limit = contender.memory_limit(world) if limit is None else limit
         overlap = overlap and contender.twobp
         self.schedule = make_schedule(contender.schedule_name, stages=world, microbatches=cfg.microbatches,
                                       twobp=contender.twobp, chunks=contender.chunks, costs=costs,
@@ -430,16 +448,60 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
 
     cuts = _cuts(cfg, world, rank, reference, batch(0))
 
-    def build(c: Contender, costs=None) -> None:
+    def make_runner(c: Contender, costs=None, limit: int | None = None):
+        model = _build_model(cfg, c.modules)
+        n = world * (c.chunks if c.implementation == "twobp" else (1 if c.schedule == "Schedule1F1B" else 2))
+        return (_OursRunner(c, model, world, cfg, device, costs, cfg.overlap_steps, bounds=cuts[n], limit=limit)
+                if c.implementation == "twobp"
+                else _TorchRunner(c, model, rank, world, cfg, device, bounds=cuts[n]))
+
+    def build(c: Contender, costs=None, limit: int | None = None) -> None:
         try:
-            model = _build_model(cfg, c.modules)
-            n = world * (c.chunks if c.implementation == "twobp" else (1 if c.schedule == "Schedule1F1B" else 2))
-            runners[c] = (_OursRunner(c, model, world, cfg, device, costs, cfg.overlap_steps, bounds=cuts[n])
-                          if c.implementation == "twobp"
-                          else _TorchRunner(c, model, rank, world, cfg, device, bounds=cuts[n]))
+            runners[c] = make_runner(c, costs, limit)
             steps_done[c] = 0
         except Exception as e:  # noqa: BLE001 - reported per contender, the others still run
             errors[c] = f"{type(e).__name__}: {e}"
+
+    def meter(runner) -> SavedActivationMeter:
+        """The saved-activation meter of one runner: autograd's saved tensors and its store,
+        parameters excluded (the same measure for both runtimes)."""
+        ours = isinstance(runner, _OursRunner)
+        params = list(runner.ex.parameters()) if ours else [p for st in runner.stages for p in st.submod.parameters()]
+        return SavedActivationMeter(runner.ex.store if ours else twobp.default_store(), exclude=params)
+
+    def throwaway_peak(c: Contender, costs=None, limit: int | None = None) -> int:
+        """Peak saved bytes, the largest over ranks, of ``c``'s second step on a runner built for
+        this and dropped (the contender's own runner keeps its step count and data order). The
+        second step, because with carried P2 the first has no carry to run."""
+        runner = make_runner(c, costs, limit)
+        runner.step(*batch(0), _Timer())
+        with meter(runner) as m:
+            runner.step(*batch(1), _Timer())
+        if isinstance(runner, _OursRunner):
+            runner.ex.flush()
+        peak = torch.tensor([m.peak_bytes], dtype=torch.int64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return int(peak)
+
+    def cap_within(c: Contender, budget: int, costs) -> tuple[int | None, list[tuple[int, int]]]:
+        """The largest cap N (micro-batch chunks held per rank) whose measured peak fits in
+        ``budget`` bytes, and the (N, peak) pairs measured on the way down from no cap; a cap
+        that gives the plan of the cap above it has that cap's peak, without a second step."""
+        from ..pipeline import make_schedule
+
+        tried: list[tuple[int, int]] = []
+        last_plan, last_peak = None, None
+        for n in range(cfg.microbatches * c.chunks, 0, -1):
+            plan = make_schedule(c.schedule_name, stages=world, microbatches=cfg.microbatches, twobp=True,
+                                 chunks=c.chunks, costs=costs, overlap_steps=cfg.overlap_steps, memory_limit=n,
+                                 layout=c.layout)
+            key = (tuple(map(tuple, plan.ranks)), tuple(plan.carry))
+            peak = last_peak if key == last_plan else throwaway_peak(c, costs, n)
+            tried.append((n, peak))
+            last_plan, last_peak = key, peak
+            if peak <= budget:
+                return n, tried
+        return None, tried
 
     def run(c: Contender, timer: _Timer, measure: bool = False) -> float:
         x, y = batch(steps_done[c])
@@ -478,8 +540,23 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     for chunks, schedule in ((1, "1f1b"), (2, "interleaved-1f1b")):
         if any(c.twobp and c.chunks == chunks for c in contenders):
             costs[chunks] = with_fused_backward(probe_costs(schedule + "-2bp"), probe_costs(schedule))
+    # auto@zb: measure torch's leanest zero-bubble peak, then hold auto to the largest cap that fits it
+    caps: dict[Contender, int] = {}
+    cap_searches: dict[Contender, list] = {}
+    fit = [c for c in contenders if c.fits_torch_zb]
+    if fit:
+        budget = min(throwaway_peak(c) for c in contenders
+                     if c.implementation == "torch" and "ZeroBubble" in c.schedule)
+        for c in fit:
+            n, cap_searches[c] = cap_within(c, budget, costs[c.chunks])
+            if n is None:
+                errors[c] = (f"no memory cap fits torch's leanest zero-bubble peak ({budget} bytes): "
+                             + ", ".join(f"@{k}: {b} bytes" for k, b in cap_searches[c]))
+            else:
+                caps[c] = n
     for c in contenders:
-        build(c, costs.get(c.chunks) if c.twobp else None)
+        if c not in errors:
+            build(c, costs.get(c.chunks) if c.twobp else None, caps.get(c))
     for _ in range(cfg.warmup):
         for c in list(runners):
             run(c, _Timer())
@@ -498,14 +575,9 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
     peaks: dict[Contender, int] = {}
     if cfg.measure_memory:
         for c in timed:
-            runner = runners[c]
-            ours = isinstance(runner, _OursRunner)
-            params = list(runner.ex.parameters()) if ours else [p for st in runner.stages
-                                                                 for p in st.submod.parameters()]
-            store = runner.ex.store if ours else twobp.default_store()
-            with SavedActivationMeter(store, exclude=params) as meter:
+            with meter(runners[c]) as m:
                 run(c, _Timer())
-            peaks[c] = meter.peak_bytes
+            peaks[c] = m.peak_bytes
     profiles: dict[Contender, str] = {}
     if cfg.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -533,6 +605,7 @@ def _worker(rank: int, world: int, cfg: CompareConfig) -> dict:
         acts = [a for rank in runners[c].schedule.ranks for a in rank] if ours and c.twobp else []
         fused = [sum(a.kind == "B" for a in acts), sum(a.kind in ("B", "P1") for a in acts)] if acts else None
         out[c.label] = dict(walls=walls[c], losses=losses[c], breakdown=bd, peak=peaks.get(c), carry=carry, fused=fused,
+                            memory_cap=caps.get(c), cap_search=cap_searches.get(c),
                             costs=costs.get(c.chunks) if c.twobp else None, profile=profiles.get(c),
                             cuts={n: list(b) for n, b in cuts.items()})
     return out
@@ -558,7 +631,8 @@ def run_compare(cfg: CompareConfig) -> list[ContenderResult]:
         results.append(ContenderResult(
             c, losses, rows[0]["walls"], [r["breakdown"] for r in rows],
             [r["peak"] for r in rows] if rows[0]["peak"] is not None else None,
-            extra={"carry": rows[0]["carry"], "fused": rows[0]["fused"], "costs": rows[0]["costs"], "cuts": rows[0]["cuts"],
+            extra={"carry": rows[0]["carry"], "fused": rows[0]["fused"],
+                   "memory_cap": rows[0]["memory_cap"], "cap_search": rows[0]["cap_search"], "costs": rows[0]["costs"], "cuts": rows[0]["cuts"],
                    "profiles": [r["profile"] for r in rows]}))
     return results
 
