@@ -6,6 +6,8 @@ uses must give exactly what plain torch gives."""
 import math
 import warnings
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -104,6 +106,15 @@ def _on_triton(fn):
 
 def _cli(*argv):
     return cli(list(argv))
+
+
+def _foreign_checkpoint() -> str:
+    """A checkpoint folder whose one tensor belongs to no twobp model."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="twobp-foreign-ck-"))
+    torch.save({"0.other.weight": torch.zeros(2)}, folder / "stage-0.pt")
+    return str(folder)
 
 
 def _sim(*argv):
@@ -296,6 +307,19 @@ CASES = [
     ("cli-checkpoint", lambda: _cli("train", "--checkpoint", "/proc/ck"), SystemExit, r"--checkpoint"),
     ("cli-timeout", lambda: _cli("train", "--timeout", "0"), SystemExit, r"--timeout must be a finite number > 0"),
     ("cli-schedule", lambda: _cli("train", "--schedule", "fancy"), SystemExit, r"choose one of gpipe"),
+    ("cli-2bp-suffix", lambda: _cli("train", "--schedule", "1f1b-2bp"), SystemExit, r"with --2bp .*so write '1f1b'"),
+    ("cli-auto-no2bp", lambda: _cli("train", "--schedule", "auto", "--no-2bp"), SystemExit,
+     r"auto places each layer's P2.*drop --no-2bp"),
+    ("cli-interleaved-1chunk", lambda: _cli("train", "--schedule", "interleaved-1f1b"), SystemExit,
+     r"add --chunks 2"),
+    ("cli-auto-cap-chunks", lambda: _cli("train", "--schedule", "auto@1", "--chunks", "2"), SystemExit,
+     r"cap must be >= 2 \(auto@2\)"),
+    ("cli-resume-other-model", lambda: _cli("train", "--resume", _foreign_checkpoint()), SystemExit,
+     r"does not fit llama --preset tiny: \d+ tensors missing.*Resume with the model and preset that wrote it"),
+    ("sim-cap-in-name", lambda: _sim("-p", "2", "-m", "4", "--schedules", "auto@1-2bp"), SystemExit,
+     r""),
+    ("sched-cap-in-name", lambda: make_schedule("auto@2", stages=2, microbatches=4, twobp=True), ValueError,
+     r"takes the cap as memory_limit= \(twobp simulate: --memory-limit 2\)"),
     ("cli-batch", lambda: _cli("run", "--batch-size", "2", "--microbatches", "4"), SystemExit,
      r"use --batch-size >= 4"),
     ("cli-warmup", lambda: _cli("run", "--steps", "2", "--warmup", "5"), SystemExit, r"lower --warmup"),

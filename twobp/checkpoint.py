@@ -34,14 +34,15 @@ def save_stage_state(executor: Any, folder: str | Path) -> Path:
     return path
 
 
-def load_full_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Merge every ``stage-*.pt`` in ``folder`` into the blocks' state dict."""
+def load_full_state_dict(folder: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Merge every ``stage-*.pt`` in ``folder`` into the blocks' state dict (``mmap``: map the
+    files instead of reading them, for a look at keys and shapes)."""
     files = sorted(Path(folder).glob("stage-*.pt"))
     if not files:
         raise FileNotFoundError(f"no stage-*.pt files in {folder}; save with --checkpoint {folder} first")
     merged: dict[str, torch.Tensor] = {}
     for f in files:
-        part = torch.load(f, map_location="cpu", weights_only=True)
+        part = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
         clash = set(part) & set(merged)
         if clash:
             raise ValueError(f"{f.name} repeats keys another stage file has, e.g. {sorted(clash)[:3]}; "
@@ -61,6 +62,7 @@ def load_stage_state(executor: Any, folder: str | Path) -> None:
             raise ValueError(f"checkpoint {folder} lacks {len(missing)} keys of this stage, e.g. {missing[:3]}; "
                              "was it saved from the same model and preset?")
         stage.load_state_dict({k: merged[k] for k in wanted}, strict=True)
+    executor._sync.check_tied_agree(f"after loading checkpoint {folder}")
 
 
 def to_model_state_dict(model: nn.Module, blocks_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,8 @@ from torch import Tensor
 __all__ = [
     "IGNORE_INDEX",
     "ByteCorpus",
+    "averages_over",
+    "count_targets",
     "SyntheticBatches",
     "corpus_files",
     "mask_tokens",
@@ -43,6 +45,26 @@ __all__ = [
 
 IGNORE_INDEX = -100
 """Target value that the loss skips (the un-masked positions of a masked-LM batch)."""
+
+
+
+def count_targets(target: Tensor) -> int:
+    """How many entries of ``target`` a mean loss counts: those that are not ``IGNORE_INDEX``."""
+    return int((target != IGNORE_INDEX).sum())
+
+
+def averages_over(counter: Callable[[Tensor], int]) -> Callable:
+    """Declare what a loss averages over: ``@averages_over(count_targets)`` on
+    ``loss_fn(output, target)`` that returns the mean over ``counter(target)`` items (tokens
+    whose label counts, say). A pipeline then weights micro-batch i's loss by ``c_i / Σ c``
+    instead of its share of rows, so padding or masks that leave the micro-batches with
+    different counts still give the loss and gradients of the whole batch's mean on one
+    process (a micro-batch that counts nothing adds nothing, where its own mean is 0 / 0)."""
+    def mark(loss_fn: Callable) -> Callable:
+        loss_fn.counted_items = counter
+        return loss_fn
+    return mark
+
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _SPLITS = ("train", "heldout")

@@ -190,8 +190,21 @@ class JobConfig:
             raise ValueError(f"{self.model}/{self.preset} has {len(blocks)} blocks, fewer than --stages x --chunks "
                              f"= {need}: use at most {len(blocks)} stages (or a bigger preset)")
         for v in self.variants:
+            if v.schedule.endswith("-2bp") and v.schedule[:-4] in SCHEDULE_NAMES:
+                raise ValueError(f"schedule {v.schedule!r}: twobp train splits the backward with --2bp (on by default; "
+                                 f"--no-2bp for the plain schedule), so write {v.schedule[:-4]!r}")
             if v.schedule not in SCHEDULE_NAMES:
                 raise ValueError(f"unknown schedule {v.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+            if v.schedule == "auto" and not v.twobp:
+                raise ValueError(f"{v.label}: auto places each layer's P2, so it needs the split backward: drop --no-2bp "
+                                 "for auto (compare it with 1f1b --no-2bp in the same run)")
+            if v.schedule == "auto" and v.memory_limit is not None and isinstance(v.memory_limit, int) \
+                    and not isinstance(v.memory_limit, bool) and v.memory_limit < self.chunks:
+                raise ValueError(f"{v.label}: with --chunks {self.chunks} a rank holds at least one micro-batch per "
+                                 f"chunk, so the cap must be >= {self.chunks} (auto@{self.chunks})")
+            if v.schedule == "interleaved-1f1b" and self.chunks < 2:
+                raise ValueError("interleaved-1f1b interleaves several model chunks per rank: add --chunks 2 (or more); "
+                                 "with one chunk it is plain 1f1b")
             if v.memory_limit is not None and (v.schedule != "auto" or isinstance(v.memory_limit, bool)
                                                or not isinstance(v.memory_limit, int) or v.memory_limit < 1):
                 raise ValueError(f"{v.label}: memory_limit is for auto only and must be an int >= 1 micro-batch "
@@ -208,9 +221,32 @@ class JobConfig:
             if not folder.is_dir() or not any(folder.glob("stage-*.pt")):
                 raise ValueError(f"--resume {self.resume}: no stage-*.pt files there; give a folder a previous "
                                  "--checkpoint wrote")
+            self._check_resume_fits(folder, blocks)
         for flag, folder in (("--out", self.out), ("--checkpoint", self.checkpoint)):
             if folder:
                 _check_writable(flag, Path(folder))
+
+    def _check_resume_fits(self, folder: Path, blocks) -> None:
+        """The checkpoint holds every tensor of this model with its shape (files mapped, not read)."""
+        from torch import nn
+
+        from .checkpoint import load_full_state_dict
+
+        try:
+            have = load_full_state_dict(folder, mmap=True)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"--resume {self.resume}: {e}") from None
+        want = nn.Sequential(*blocks).state_dict()
+        missing = [k for k in want if k not in have]
+        wrong = [k for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+        if missing or wrong:
+            what = self.hf_config or f"{self.model} --preset {self.preset}"
+            raise ValueError(f"--resume {self.resume}: the checkpoint does not fit {what}: "
+                             + (f"{len(missing)} tensors missing, e.g. {missing[:3]}" if missing else "")
+                             + ("; " if missing and wrong else "")
+                             + (f"{len(wrong)} of other shapes, e.g. {wrong[0]} {tuple(have[wrong[0]].shape)} vs "
+                                f"{tuple(want[wrong[0]].shape)}" if wrong else "")
+                             + ". Resume with the model and preset that wrote it")
 
     @property
     def world(self) -> int:

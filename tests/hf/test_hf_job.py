@@ -23,6 +23,8 @@ def test_preflight_names_the_fix_before_spawning():
         JobConfig(hf_config="t5:num_layers=1").preflight()
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         JobConfig(hf_config=TINY, tie_embeddings=True).preflight()
+    with pytest.raises(ValueError, match=r"LlamaConfig.hidden_size refuses 'abc' .*give it a value of the field's type"):
+        JobConfig(hf_config="llama:hidden_size=abc").preflight()  # transformers' own validation error, named
 
 
 @pytest.mark.slow

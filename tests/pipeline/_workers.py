@@ -304,3 +304,132 @@ def run_ranks_plans(rank: int, world: int, names: list[str]) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+# ---- what a user may change between or around steps (tests/pipeline/test_user_edits.py) ----
+def two_batches(vocab: int = 11) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, vocab, (4, 3), generator=g), torch.randint(0, vocab, (4, 3), generator=g))
+            for _ in range(2)]
+
+
+def accumulate_tied(rank: int, world: int, pp: int, dp: int, use_2bp: bool) -> dict:
+    """Gradient accumulation over two step() calls (the second with zero_grad=False), the
+    embedding tied to the head across ranks, pp x dp: this rank's gradients by global name."""
+    from twobp.pipeline import init_mesh, replica_slice
+
+    torch.set_num_threads(1)
+    mesh = init_mesh(pp=pp, dp=dp)
+    ex = PipelineExecutor(tied_blocks(0), tied_loss, schedule=make_schedule("1f1b", stages=pp, microbatches=2,
+                                                                            twobp=use_2bp),
+                          timeout=60, mesh=mesh, bucket_mb=1e-4)
+    for i, (x, y) in enumerate(two_batches()):
+        ex.step(replica_slice(x, mesh), replica_slice(y, mesh), measure=False, zero_grad=(i == 0))
+    return {k: p.grad.clone() for k, p in ex.named_parameters()}
+
+
+def padded_targets(vocab: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets mostly ignored in the first rows only: the micro-batches count unequal numbers."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (8, 6), generator=g)
+    tgt = torch.randint(0, vocab, (8, 6), generator=g)
+    tgt[:3, 1:] = twobp.data.IGNORE_INDEX
+    tgt[4, :] = twobp.data.IGNORE_INDEX  # a row that counts nothing at all
+    return ids, tgt
+
+
+def untied_blocks(seed: int) -> list[nn.Module]:
+    blocks = tied_blocks(seed)
+    blocks[3].weight = nn.Parameter(blocks[0].weight.detach().clone())
+    return blocks
+
+
+def counted_loss_step(rank: int, world: int, pp: int, dp: int, m: int) -> dict:
+    """One step of a loss averaged over counted targets (twobp.hf.masked_lm_loss) on padded
+    targets, pp x dp: the replica-mean loss and this rank's gradients."""
+    import torch.distributed as dist
+
+    from twobp.hf import masked_lm_loss
+    from twobp.pipeline import init_mesh, replica_slice
+
+    torch.set_num_threads(1)
+    mesh = init_mesh(pp=pp, dp=dp)
+    ex = PipelineExecutor(untied_blocks(0), masked_lm_loss, timeout=60, mesh=mesh, bucket_mb=1e-4,
+                          schedule=make_schedule("1f1b", stages=pp, microbatches=m, twobp=True))
+    ids, tgt = padded_targets()
+    res = ex.step(replica_slice(ids, mesh), replica_slice(tgt, mesh), measure=False)
+    loss = torch.tensor(res.loss, dtype=torch.float64)
+    dist.all_reduce(loss, group=mesh.get_group("dp"))
+    return {"loss": float(loss) / dp, "grads": {k: p.grad.clone() for k, p in ex.named_parameters()}}
+
+
+def zero_grad_between_carried_steps(rank: int, world: int) -> str | None:
+    """auto with carried P2; the user's optimizer.zero_grad() between two steps: the error
+    text this rank ends with (None if none)."""
+    torch.set_num_threads(1)
+    sched = make_schedule("auto", stages=world, microbatches=4, twobp=True, overlap_steps=True,
+                          costs={"F": 1.0, "P1": 1.2, "P2": 0.6})
+    assert sched.carry, sched.carry
+    ex = PipelineExecutor(build_blocks(0), loss_fn, schedule=sched, timeout=10, overlap_steps=True)
+    opt = torch.optim.SGD(ex.parameters(), lr=0.1)
+    try:
+        for step in range(2):
+            opt.zero_grad()  # the usual idiom, wrong while a step's P2 is carried
+            x, y = make_batch(step, 8)
+            ex.step(x, y, optimizer=opt, measure=False)
+        ex.flush()
+    except Exception as e:  # noqa: BLE001 - the parent reads every rank's outcome
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def different_cuts(rank: int, world: int) -> str | None:
+    """Ranks given different stage bounds (as from block costs each measured on its own)."""
+    torch.set_num_threads(1)
+    bounds = (0, 3, N_BLOCKS) if rank == 0 else (0, 5, N_BLOCKS)
+    try:
+        PipelineExecutor(build_blocks(0), loss_fn, schedule=make_schedule("1f1b", stages=world, microbatches=2,
+                                                                          twobp=True),
+                         timeout=30, bounds=bounds)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def different_tied_copies(rank: int, world: int) -> str | None:
+    """Each rank builds the tied model from its own seed: the copies differ."""
+    torch.set_num_threads(1)
+    try:
+        PipelineExecutor(tied_blocks(rank), tied_loss, timeout=30,
+                         schedule=make_schedule("1f1b", stages=world, microbatches=2, twobp=True))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+_FAIL_ONCE = {"armed": False}
+
+
+def _loss_failing_once(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if _FAIL_ONCE["armed"]:
+        _FAIL_ONCE["armed"] = False
+        raise RuntimeError("transient failure in the loss")
+    return loss_fn(out, target)
+
+
+def step_after_a_failed_step(rank: int, world: int) -> list[str]:
+    """The last rank's loss raises in step 2; every rank catches it and steps again: what each
+    attempt says."""
+    torch.set_num_threads(1)
+    ex = PipelineExecutor(build_blocks(0), _loss_failing_once, timeout=3,
+                          schedule=make_schedule("1f1b", stages=world, microbatches=4, twobp=True))
+    x, y = make_batch(0, 8)
+    said = [f"ok {ex.step(x, y, measure=False).loss:.6f}"]
+    _FAIL_ONCE["armed"] = rank == world - 1
+    for _ in range(2):
+        try:
+            ex.step(x, y, measure=False)
+            said.append("ok")
+        except Exception as e:  # noqa: BLE001 - the parent reads what each attempt said
+            said.append(str(e))
+    return said

@@ -83,7 +83,12 @@ def load_config(spec: str):
         for key, val in overrides.items():
             if not hasattr(cfg, key):
                 raise ValueError(f"--hf-config {spec}: {type(cfg).__name__} has no field {key!r}")
-            setattr(cfg, key, val)
+            try:
+                setattr(cfg, key, val)
+            except Exception as e:  # noqa: BLE001 - transformers' strict configs raise their own validation types
+                why = " ".join(str(e).split())[:240] or type(e).__name__
+                raise ValueError(f"{type(cfg).__name__}.{key} refuses {val!r} ({why}); give it a value of the "
+                                 "field's type") from None
         return cfg
 
 

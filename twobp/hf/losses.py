@@ -8,12 +8,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import averages_over, count_targets
+
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "masked_lm_loss", "classification_loss"]
 
 IGNORE_INDEX = -100
 """Label value the losses skip (transformers' convention)."""
 
 
+@averages_over(lambda labels: count_targets(labels[:, 1:]))
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy: logits [B, S, V] at position t predict labels[:, t + 1]
     (the shift inside, as ``model(ids, labels=ids).loss``); mean over labels != -100."""
@@ -25,6 +28,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+@averages_over(count_targets)
 def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy at every position whose label is not -100: logits [B, S, V], labels [B, S]."""
     if logits.shape[:-1] != labels.shape:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, averages_over, count_targets
 
 __all__ = ["IGNORE_INDEX", "TwoBPModel", "check_positive", "matmul_parameters", "transformer_flops_per_sample"]
 
@@ -108,6 +108,7 @@ class TwoBPModel(nn.Module, abc.ABC):
         return x
 
     @staticmethod
+    @averages_over(count_targets)
     def loss_fn(output: Tensor, target: Tensor) -> Tensor:
         """Mean cross-entropy over every target that is not ``IGNORE_INDEX``.
 

@@ -17,7 +17,9 @@ Per step, every rank walks its own list of the explicit form (:func:`lower_comm`
 Loss scaling: with micro-batch sizes ``n_i`` summing to ``N`` and ``loss_fn`` returning
 the mean over its micro-batch, micro-batch i's loss is scaled by ``n_i / N`` before its
 backward, so the accumulated gradients and the summed loss equal those of the
-full-batch mean loss on one process.
+full-batch mean loss on one process. A ``loss_fn`` that averages over counted items (tokens
+whose label is not the ignore index; :func:`twobp.data.averages_over`) is scaled by
+``c_i / Σ c`` instead, over every replica's micro-batches.
 
 Stage boundaries carry one floating tensor each way; stage inputs are detached and made
 to require grad, so each stage's autograd graph ends at its own input.
@@ -61,7 +63,9 @@ class StepResult:
     """What one :meth:`PipelineExecutor.step` returns (the same on every rank)."""
 
     loss: float
-    """Full-batch mean loss (the sum of the scaled micro-batch losses)."""
+    """Full-batch mean loss (the sum of the scaled micro-batch losses). With replicas and a
+    counted loss (:func:`twobp.data.averages_over`), this replica's share times the replica
+    count: the mean over replicas is the global batch's loss."""
     timeline: Timeline | None
     """Every rank's actions in seconds from the step start (None when ``measure=False``)."""
     costs: dict | None
@@ -210,9 +214,11 @@ class PipelineExecutor:
         self.overlap_steps = overlap_steps
         self.store = store if store is not None else ActivationStore()
         self._steps_begun = 0  # training steps started on this executor (for error messages)
+        self._failed_step: int | None = None  # a step that raised: the executor cannot go on
         self._grad_norm: float | None = None
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
         self._owed_opt: OptimizerStep | None = None  # the optimizer step this rank owes
+        self._left_grads: list = []  # (param, .grad, its version) when this rank began owing
         if one_way_channels is None:
             one_way_channels = dist.get_backend(group) == "nccl" and group is None
         channels = None
@@ -229,9 +235,11 @@ class PipelineExecutor:
             blocks=block_list, shared=shared, mesh=mesh, group=group, dp_group=dp_group,
             bucket_bytes=int(bucket_mb * 2**20), rank=self.rank, actions=self._lowered.ranks[self.rank],
             carried_chunks={a.chunk for a in self._carry_acts}, stages=self.stages)
-        plan = f"{schedule}\noverlap_steps={bool(overlap_steps)}"
+        # the stage cut belongs to the plan: ranks cutting on their own block_costs may disagree
+        plan = f"{schedule}\noverlap_steps={bool(overlap_steps)}, stage bounds={tuple(self.partition.bounds)}"
         self._check_ranks_agree(plan)
         self._sync.check_replicas_agree(plan)
+        self._sync.check_tied_agree("building the pipeline")
         self._clock = _Clock(self.device)
         self._static_shapes = static_shapes
         self._shape_key: tuple | None = None  # batch shape the cache below belongs to
@@ -284,6 +292,11 @@ class PipelineExecutor:
         import twobp
 
         sched, m = self.schedule, self.schedule.microbatches
+        if self._failed_step is not None:
+            raise PipelineError(
+                f"rank {self.rank}: training step {self._failed_step} of this executor failed, which leaves the ranks "
+                "mid-schedule (messages half sent, peers gone or waiting) and the process group unusable (gloo closes "
+                "its pairs): restart the ranks, or destroy and re-create the process group and build a new executor")
         self._steps_begun += 1
         if inputs.shape[0] < m:
             raise ValueError(f"batch of {inputs.shape[0]} rows cannot make {m} micro-batches; "
@@ -291,7 +304,6 @@ class PipelineExecutor:
         xs = torch.tensor_split(inputs, m)
         ts = torch.tensor_split(targets, m) if isinstance(targets, torch.Tensor) else [targets] * m
         sizes = [x.shape[0] for x in xs]
-        total = sum(sizes)
         batch_key = (tuple(inputs.shape), inputs.dtype)
         known = self._static_shapes and self._shape_key == batch_key
         if not known:
@@ -316,6 +328,8 @@ class PipelineExecutor:
         if zero_grad:
             for prm in self.parameters():
                 prm.grad = None
+        self._sync.begin_step()
+        weights = self._loss_weights(ts, sizes)
         last = sched.num_stages - 1
         acts = self._lowered.ranks[self.rank]
         act_in: dict[tuple[int, int], torch.Tensor] = {}
@@ -361,8 +375,11 @@ class PipelineExecutor:
                         t = ts[a.mb]
                         if isinstance(t, torch.Tensor):
                             t = t.to(self.device)
-                        loss = self.loss_fn(y, t) if t is not None else self.loss_fn(y)
-                        y = loss * (sizes[a.mb] / total)
+                        if weights[a.mb] == 0 and isinstance(y, torch.Tensor):
+                            y = y.float().sum() * 0.0  # counts nothing: adds nothing (its mean is 0 / 0)
+                        else:
+                            loss = self.loss_fn(y, t) if t is not None else self.loss_fn(y)
+                            y = loss * weights[a.mb]
                         loss_sum += y.detach().double()
                         if grad_scaler is not None:
                             y = grad_scaler.scale(y)
@@ -399,6 +416,7 @@ class PipelineExecutor:
             self._p2p.drain()  # a send completes when its peer receives: waiting on a peer
             records.append(("sends completing", "recv", t0, self._clock.mark(), None))
         except Exception as e:
+            self._failed_step = self._steps_begun
             raise PipelineError(
                 f"rank {self.rank} failed in training step {self._steps_begun} at action {i} "
                 f"({acts[i] if 0 <= i < len(acts) else '?'}) of schedule {sched.name!r}: "
@@ -426,6 +444,9 @@ class PipelineExecutor:
         if carrying:
             self._owed = list(self._carry_acts)
             self._owed_opt = OptimizerStep(optimizer, lr_scheduler, clip_grad_norm, grad_scaler)
+            # .grad is half-made until the owed work runs: remember it, to refuse edits in between
+            self._left_grads = [(prm, prm.grad, None if prm.grad is None else prm.grad._version)
+                                for prm in self.parameters()]
         else:
             if self._sync.active:
                 self._sync.finish(self._clock.mark, records)
@@ -463,6 +484,7 @@ class PipelineExecutor:
         return bool(self._owed or self._owed_opt)
 
     def _run_owed(self, records: list) -> None:
+        self._check_left_grads()
         acts, self._owed = self._owed, []
         self._run_p2_actions(acts, records)
         if self._sync.active:
@@ -489,6 +511,46 @@ class PipelineExecutor:
             self._grad_norm = norm
         records.append(("optim", "optim", t0, self._clock.mark(), None))
 
+    def _loss_weights(self, targets: Sequence, sizes: Sequence[int]) -> list[float]:
+        """Each micro-batch's share of the step's loss: its rows over the batch's, or, for a
+        ``loss_fn`` marked with :func:`twobp.data.averages_over`, the items it counts over the
+        items every micro-batch of every replica counts (one all-reduce over the replicas, by
+        the ranks holding the last stage), times the replica count that the gradient average
+        divides by again. Computed where the loss is, the last stage."""
+        sched = self.schedule
+        counter = getattr(self.loss_fn, "counted_items", None)
+        if counter is None or sched.place(sched.num_stages - 1)[0] != self.rank or \
+                not all(isinstance(t, torch.Tensor) for t in targets):
+            return [n / sum(sizes) for n in sizes]
+        counts = [int(counter(t)) for t in targets]
+        total, replicas = float(sum(counts)), self._sync.dp_size
+        if replicas > 1:
+            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            self._collective("summing the counted targets over the replicas", dist.all_reduce, t,
+                             group=self._sync.dp_group)
+            total = float(t)
+        if total == 0:
+            raise ValueError("no target of this batch counts for the loss (every one is the ignore index): its "
+                             "mean is 0 / 0. Give every step at least one counted target")
+        return [c * replicas / total for c in counts]
+
+    def _check_left_grads(self) -> None:
+        """Refuse to finish a carried step whose ``.grad`` was changed after step() returned: the
+        carried P2 would complete a gradient that is no longer there, silently."""
+        left, self._left_grads = self._left_grads, []
+        for prm, grad, version in left:
+            if prm.grad is not grad or (grad is not None and grad._version != version):
+                self._owed, self._owed_opt = [], None  # that step is lost: the next one starts clean
+                self.store.clear()
+                raise RuntimeError(
+                    f"rank {self.rank}: the gradients of the last step were changed after step() returned "
+                    "(optimizer.zero_grad(), clip_grad_norm_ or an edit of .grad), but with overlap_steps this rank "
+                    "still owes that step's last P2 and optimizer step, which run at the head of the next step(): "
+                    "the step's gradient is incomplete until then. Let step() zero the gradients (zero_grad=True, "
+                    "the default) and clip them (clip_grad_norm=), or call executor.flush() before touching .grad. "
+                    "That step's update is dropped on this rank (its carried work discarded); zero the gradients "
+                    "and the next step() starts clean.")
+
     def _store_holds_only_carried(self, store, carrying: bool) -> bool:
         if not carrying:
             return store.is_empty()
@@ -508,9 +570,10 @@ class PipelineExecutor:
         self._collective("comparing the ranks' schedules", dist.all_gather_object, plans, plan, group=self.group)
         if len(set(plans)) > 1:
             raise ValueError(
-                f"the pipeline's ranks were given different schedules ({describe_plans(plans, 'rank')}): give every "
-                "rank the same schedule and overlap_steps; plan auto on costs every rank shares (StepResult.costs "
-                "of a measured step is the same on every rank)")
+                f"the pipeline's ranks were given different schedules or stage cuts ({describe_plans(plans, 'rank')}): "
+                "give every rank the same schedule, overlap_steps and cut (bounds=, or block_costs every rank shares: "
+                "measure them on one rank and broadcast); plan auto on costs every rank shares (StepResult.costs of "
+                "a measured step is the same on every rank)")
 
     def _collective(self, what: str, fn, *args, **kwargs) -> None:
         # Collectives wait on every rank; say which step of the executor hung or failed.

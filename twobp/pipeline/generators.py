@@ -84,6 +84,10 @@ def make_schedule(name: str, *, stages: int, microbatches: int, twobp: bool, chu
     (``microbatches < stages``).
     """
     if name not in SCHEDULE_NAMES:
+        if "@" in name and name.partition("@")[0] in SCHEDULE_NAMES:
+            raise ValueError(f"unknown schedule {name!r}: make_schedule takes the cap as memory_limit= "
+                             f"(twobp simulate: --memory-limit {name.partition('@')[2] or 'N'}); "
+                             f"choose one of {', '.join(SCHEDULE_NAMES)}")
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     if not isinstance(twobp, bool):
         raise ValueError(f"make_schedule: twobp must be True or False, got {twobp!r}")

@@ -69,6 +69,9 @@ class GradSync:
     dp_group: dist.ProcessGroup | None
     tied: list[tuple[nn.Parameter, dist.ProcessGroup]] = field(default_factory=list)
     dp_size: int = 1
+    _tied_base: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per tied parameter, the ``.grad`` it held when the step began (gradient accumulation
+    over steps): already summed over the tie, so only what the step adds is summed again."""
 
     @classmethod
     def build(cls, params_by_chunk: dict[int, Sequence[nn.Parameter]], ready_after: dict[int, int | None], *,
@@ -173,17 +176,32 @@ class GradSync:
         b.launched_mark = mark()
         b.work = dist.all_reduce(b.flat, op=dist.ReduceOp.SUM, group=self.dp_group, async_op=True)
 
+    def begin_step(self) -> None:
+        """A step begins adding to ``.grad``: remember what the tied copies already hold (the
+        same on every copy, summed by an earlier step), so :meth:`finish` sums only the new part."""
+        self._tied_base = {id(p): p.grad.clone() for p, _ in self.tied if p.grad is not None}
+
     def finish(self, mark: Callable[[], int], records: list) -> None:
         """Tie sums, the rest of the replica buckets, every wait, and the unflatten; records
-        one ``allreduce`` event per bucket (launch to completion) into ``records``."""
+        one ``allreduce`` event per bucket (launch to completion) into ``records``.
+
+        A tied copy's ``.grad`` is its earlier steps' sum (the same on every copy, see
+        :meth:`begin_step`) plus this step's own part: the part is summed over the tie and
+        averaged over the replicas, the base added back once. (Replica buckets need no base:
+        averaging values that agree leaves them unchanged.)"""
         for p, group in self.tied:
             t0 = mark()
             if p.grad is None:
                 p.grad = torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None) or p.dtype)
+            base = self._tied_base.pop(id(p), None)
+            if base is not None:
+                p.grad.sub_(base)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
             if self.dp_size > 1:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
                 p.grad.div_(self.dp_size)
+            if base is not None:
+                p.grad.add_(base)
             records.append(("allreduce[tied]", "allreduce", t0, mark(), None))
         for b in self.buckets:
             if b.work is None:
@@ -203,3 +221,19 @@ class GradSync:
             records.append((f"allreduce[chunk {b.chunk}, {len(b.params)} params]", "allreduce",
                             b.launched_mark, mark(), None))
             b.work = b.flat = b.launched_mark = None
+
+    def check_tied_agree(self, where: str) -> None:
+        """Refuse tied copies that differ across the ranks holding them (one max and one min
+        all-reduce per tied parameter over its tie group): their gradients are summed, so copies
+        that start apart stay apart, and the model is no longer the tied one. ``where`` says when."""
+        for p, group in self.tied:
+            hi, lo = p.detach().clone(), p.detach().clone()
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+            if not torch.equal(hi, lo):
+                gap = float((hi.double() - lo.double()).abs().max())
+                raise ValueError(
+                    f"{where}: the tied copies of a parameter of shape {tuple(p.shape)} differ across pipeline ranks "
+                    f"{dist.get_process_group_ranks(group)} (largest gap {gap:.3g}); their gradients are summed, so "
+                    "they would never meet again. Build every copy from the same values (the same seed), or load a "
+                    "checkpoint saved with the weights tied (twobp train --tie-embeddings)")
