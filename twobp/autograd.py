@@ -146,6 +146,13 @@ class _SplitFunction(torch.autograd.Function):
         return (*head, *dx, *pgrads)
 
 
+# torch.autograd.Function.apply's Python wrapper binds default arguments for setup_context
+# and unwraps dead functorch wrappers, neither of which this Function needs (it has no
+# setup_context, and runs only with functorch transforms off: _traced_forward takes those);
+# the C entry point skips ~15 Python calls on every op call, each a cache miss after a GEMM.
+_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SplitFunction)
+
+
 def _drop_if_unused(entry: Entry) -> None:
     if entry.state is EntryState.FORWARD:
         entry.close()
@@ -234,13 +241,12 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
         # input needs a gradient (a first layer), so that p1 runs and readies p2.
         args = [p.detach() if p is not None else None for p in compute_params]
-        return _SplitFunction.apply(_Call(op, owner, label, len(inputs), split, p_needs, params), *inputs, *args,
-                                    _anchor())
+        return _APPLY(_Call(op, owner, label, len(inputs), split, p_needs, params), *inputs, *args, _anchor())
     if not _saved_tensor_hooks_active():
         out = op.native_forward(inputs, compute_params)
         if out is not None:
             return out
-    return _SplitFunction.apply(_Call(op, owner, label, len(inputs), None, p_needs, ()), *inputs, *compute_params)
+    return _APPLY(_Call(op, owner, label, len(inputs), None, p_needs, ()), *inputs, *compute_params)
 
 
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)

@@ -1,8 +1,7 @@
 """Normal mode (no split region) on the torch backend: the twin runs as its torch op.
 
-Where torch has the op at the same speed (linear, LayerNorm, conv2d, embedding), a twin
-outside a split region calls it directly, so its autograd node is torch's own and its backward
-costs what torch's costs. Under saved-tensor hooks (non-reentrant checkpointing,
+A twin outside a split region calls torch's op directly (linear, LayerNorm, RMSNorm, conv2d,
+embedding), so its autograd node is torch's own and its backward costs what torch's costs. Under saved-tensor hooks (non-reentrant checkpointing,
 offloading, a memory meter) it keeps the split Function instead, whose saving does not
 depend on the mode, so a checkpoint's recomputation saves what its forward saved. Both
 paths are checked here against float64 torch autograd, and the checkpointed one in every
@@ -19,7 +18,7 @@ from torch import nn
 import twobp
 
 _CASES = ["linear", "layernorm", "rmsnorm", "conv2d", "embedding"]
-_OWN_PATH = {"rmsnorm"}  # torch's CPU rms_norm is composite and ~2x slower: the twin keeps its fused op
+_OWN_PATH: set[str] = set()  # twins whose normal mode keeps the split Function (none since RMSNorm went native)
 
 
 def _pair(case: str):

@@ -397,7 +397,7 @@ def main(args: argparse.Namespace) -> int:
     note = ("" if backend == "triton" else
             "\n\nCPU run: 'ours' is the torch reference backend of the split contract, not the Triton "
             "kernels; figures time the split bookkeeping against fused autograd, with token counts cut down. "
-            "Outside a split region the twins of linear, LayerNorm, conv2d and embedding run torch's own op "
+            "Outside a split region the twins of linear, LayerNorm, RMSNorm, conv2d and embedding run torch's own op "
             "on this backend; their 'fused' row times the contract's fused backward, which runs there only "
             "under saved-tensor hooks (checkpointing).")
     header = (f"# twobp kernel benchmark\n\nmachine: {machine}; backend: {backend}; dtype: {dtype}; "

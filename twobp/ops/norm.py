@@ -356,10 +356,10 @@ class RMSNormOp(SplitOp):
     name: ClassVar[str] = "rms_norm"
     autocast: ClassVar[str] = "fp32"  # under torch.autocast: fp32 on CUDA, as torch's RMSNorm
 
-    # No native_forward: torch's CPU rms_norm is a composite of pointwise ops under autograd
-    # (aten._fused_rms_norm too), whose backward is ~2x the split op's fused one (aten's
-    # fused forward plus one row dot product for dX; 1.5 vs 3.0 ms fwd + bwd at 512 x 512),
-    # so the twin keeps its own path in normal mode.
+    # No native_forward: the twin itself calls torch's F.rms_norm in normal mode on the torch
+    # backend (see TwoBPRMSNorm.forward); under saved-tensor hooks this op's fused_grads runs
+    # (aten's fused forward plus one row dot product for dX, ~2x faster than torch's composite
+    # CPU backward in isolation: 1.5 vs 3.0 ms fwd + bwd at 512 x 512).
 
     def forward(self, inputs, params, *, save_p1, save_p2):
         (x,), (weight,) = inputs, params

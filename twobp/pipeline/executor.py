@@ -416,7 +416,8 @@ class PipelineExecutor:
             self._p2p.drain()  # a send completes when its peer receives: waiting on a peer
             records.append(("sends completing", "recv", t0, self._clock.mark(), None))
         except Exception as e:
-            self._failed_step = self._steps_begun
+            if dist.get_world_size(self.group) > 1:  # one rank alone has no peer left mid-schedule
+                self._failed_step = self._steps_begun
             raise PipelineError(
                 f"rank {self.rank} failed in training step {self._steps_begun} at action {i} "
                 f"({acts[i] if 0 <= i < len(acts) else '?'}) of schedule {sched.name!r}: "
