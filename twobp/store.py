@@ -35,12 +35,14 @@ raise instead of computing a gradient of values that no longer exist.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -382,18 +384,37 @@ _guard_installed = False
 
 
 def _install_step_guard() -> None:
-    """Once per process, on the first split forward: make every optimizer.step() check that
-    no p2 is pending for its parameters (their .grad would be incomplete)."""
+    """Once per process, on the first split forward: make every optimizer.step(), and every
+    GradScaler.unscale_(optimizer) (fp16: it divides .grad by the scale once, so a p2 that lands
+    later would stay scaled), check that no p2 is pending for its parameters (their .grad would
+    be incomplete)."""
     global _guard_installed
     if _guard_installed:
         return
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     register_optimizer_step_pre_hook(_refuse_pending_p2)
+    _guard_unscale()
     _guard_installed = True
 
 
-def _refuse_pending_p2(optimizer, args, kwargs) -> None:
+def _guard_unscale() -> None:
+    """torch has no hook before GradScaler.unscale_: wrap it (once; subclasses inherit it)."""
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler is None or getattr(scaler.unscale_, "_twobp_guard", False):
+        return
+    unscale = scaler.unscale_
+
+    @functools.wraps(unscale)
+    def guarded_unscale_(self, optimizer):
+        _refuse_pending_p2(optimizer, (), {}, what="GradScaler.unscale_(optimizer) (which GradScaler.step runs too)")
+        return unscale(self, optimizer)
+
+    guarded_unscale_._twobp_guard = True
+    scaler.unscale_ = guarded_unscale_
+
+
+def _refuse_pending_p2(optimizer, args, kwargs, what: str = "optimizer.step()") -> None:
     pending = [e for st in list(_stores) if st._entries for e in st.entries()]
     if not pending:
         return
@@ -402,7 +423,7 @@ def _refuse_pending_p2(optimizer, args, kwargs) -> None:
                    if any(p is not None and need and id(p) in mine for p, need in zip(e.params, e.param_mask))})
     if owed:
         raise RuntimeError(
-            f"optimizer.step() while the weight gradients (p2) of {', '.join(owed[:4])}"
+            f"{what} while the weight gradients (p2) of {', '.join(owed[:4])}"
             f"{' ...' if len(owed) > 4 else ''} are still pending: their .grad is incomplete. Run "
             "twobp.backward_p2(model) first (a PipelineExecutor with carried P2: executor.flush(), which also "
             "steps the optimizer).")

@@ -92,3 +92,84 @@ def test_stepping_with_pending_p2_is_refused_through_the_wrapper():
         opt.step()
     twobp.backward_p2(low)
     opt.step()
+
+
+def _bf16_linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return twobp.convert(nn.Sequential(nn.Linear(4, 4))).to(torch.bfloat16)
+
+
+def test_a_resumed_lr_schedule_steps_with_the_scheduled_lr():
+    """The groups' settings (an LR scheduler's lr) are part of the state: a resumed run's next
+    step equals the uninterrupted run's (it stepped with the initial lr before)."""
+    import copy
+
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+
+    def make():
+        m = _bf16_linear()
+        opt = MasterWeights(m.parameters(), torch.optim.SGD, lr=1.0)
+        return m, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+
+    m1, o1, s1 = make()
+    for _ in range(3):
+        o1.zero_grad()
+        m1(x).float().sum().backward()
+        o1.step()
+        s1.step()
+    saved = copy.deepcopy({"m": m1.state_dict(), "o": o1.state_dict(), "s": s1.state_dict()})
+    m2, o2, s2 = make()
+    m2.load_state_dict(saved["m"])
+    o2.load_state_dict(saved["o"])
+    s2.load_state_dict(saved["s"])
+    assert o2.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for o, m in ((o1, m1), (o2, m2)):
+        o.zero_grad()
+        m(x).float().sum().backward()
+        o.step()
+    assert torch.equal(m1[0].weight, m2[0].weight)
+
+
+def test_weights_loaded_after_the_optimizer_was_built_are_the_ones_stepped():
+    m = _bf16_linear()
+    opt = MasterWeights(m.parameters(), torch.optim.SGD, lr=0.0)  # a step changes nothing
+    m.load_state_dict({k: torch.full_like(v, 0.5) for k, v in m.state_dict().items()})
+    with twobp.split_backward(microbatch=0):
+        loss = m(torch.randn(3, 4, dtype=torch.bfloat16)).float().sum()
+    loss.backward()
+    twobp.backward_p2(m)
+    opt.step()
+    assert torch.all(m[0].weight == 0.5) and torch.all(opt.master(m[0].weight) == 0.5)
+
+
+def test_parameter_groups_and_a_closure_work_as_with_any_optimizer():
+    m = _bf16_linear()
+    opt = MasterWeights([{"params": [m[0].weight], "weight_decay": 0.1}, {"params": [m[0].bias], "weight_decay": 0.0}],
+                        torch.optim.AdamW, lr=1e-2)
+    assert [g["weight_decay"] for g in opt.inner.param_groups] == [0.1, 0.0]
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+
+    def closure():
+        opt.zero_grad()
+        loss = m(x).float().sum()
+        loss.backward()
+        return loss
+
+    assert isinstance(opt.step(closure), torch.Tensor)
+
+
+def test_unscaling_with_pending_p2_is_refused():
+    """GradScaler.unscale_ divides .grad by the scale once: a p2 landing after it would stay
+    scaled (and a clip in between sees p1's gradients only)."""
+    m = twobp.convert(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with twobp.split_backward(microbatch=0):
+        loss = m(torch.randn(3, 4)).sum()
+    scaler.scale(loss).backward()
+    with pytest.raises(RuntimeError, match=r"GradScaler.unscale_\(optimizer\).*still pending.*backward_p2"):
+        scaler.unscale_(opt)
+    twobp.backward_p2(m)
+    scaler.unscale_(opt)  # after p2: as usual
+    scaler.step(opt)
+    scaler.update()
