@@ -117,6 +117,18 @@ def _foreign_checkpoint() -> str:
     return str(folder)
 
 
+def _untied_checkpoint() -> str:
+    """llama/tiny's blocks saved with the embedding and the head apart (as an untied run saves them)."""
+    import tempfile
+
+    from torch import nn
+
+    folder = Path(tempfile.mkdtemp(prefix="twobp-untied-ck-"))
+    blocks = nn.Sequential(*models.build("llama", "tiny", tie_embeddings=False).blocks())
+    torch.save({k: v.detach().clone() for k, v in blocks.state_dict().items()}, folder / "stage-0.pt")
+    return str(folder)
+
+
 def _sim(*argv):
     rc = simulate_main(list(argv))
     if rc:
@@ -314,6 +326,10 @@ CASES = [
      r"add --chunks 2"),
     ("cli-auto-cap-chunks", lambda: _cli("train", "--schedule", "auto@1", "--chunks", "2"), SystemExit,
      r"cap must be >= 2 \(auto@2\)"),
+    ("cli-json-folder", lambda: _cli("train", "--json", _foreign_checkpoint()), SystemExit,
+     r"--json .* is a folder; give a file name"),
+    ("cli-resume-untied-into-tied", lambda: _cli("train", "--tie-embeddings", "--resume", _untied_checkpoint()),
+     SystemExit, r"this model ties 0.weight and \S+, but the checkpoint holds different values.*--tie-embeddings"),
     ("cli-resume-other-model", lambda: _cli("train", "--resume", _foreign_checkpoint()), SystemExit,
      r"does not fit llama --preset tiny: \d+ tensors missing.*Resume with the model and preset that wrote it"),
     ("sim-cap-in-name", lambda: _sim("-p", "2", "-m", "4", "--schedules", "auto@1-2bp"), SystemExit,

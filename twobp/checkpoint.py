@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["save_stage_state", "load_full_state_dict", "load_stage_state", "to_model_state_dict"]
+__all__ = ["save_stage_state", "load_full_state_dict", "load_stage_state", "to_model_state_dict",
+           "save_training_state", "load_training_state"]
 
 
 def save_stage_state(executor: Any, folder: str | Path) -> Path:
@@ -29,6 +30,11 @@ def save_stage_state(executor: Any, folder: str | Path) -> Path:
         state.update({k: v.detach().cpu() for k, v in executor.stages[chunk].state_dict().items()})
     path = folder / f"stage-{executor.rank}.pt"
     torch.save(state, path)
+    if executor.rank == 0:  # a run with more stages left files here: they would repeat keys on load
+        for old in [*folder.glob("stage-*.pt"), *folder.glob("optim-*.pt")]:
+            index = old.stem.partition("-")[2]
+            if index.isdigit() and int(index) >= executor.schedule.stages:
+                old.unlink()
     if dist.is_initialized():
         dist.barrier(group=executor.group)
     return path
@@ -76,3 +82,69 @@ def to_model_state_dict(model: nn.Module, blocks_state: dict[str, torch.Tensor])
             raise ValueError(f"model tensor {name!r} has no entry in the checkpoint")
         out[name] = blocks_state[key]
     return out
+
+
+def _optimizer_state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """(optimizer state, fp32 master or None) of model parameter ``p``; MasterWeights keeps both
+    on the master it steps."""
+    inner = getattr(optimizer, "inner", None)
+    if inner is None:
+        return optimizer.state.get(p, {}), None
+    master = optimizer.master(p)
+    return inner.state.get(master, {}), (master if master is not p else None)
+
+
+def save_training_state(executor: Any, folder: str | Path, optimizer: torch.optim.Optimizer, *,
+                        steps_done: int, grad_scaler: Any = None) -> Path:
+    """Write what continuing the run needs besides the weights to ``folder/optim-<rank>.pt``:
+    the optimizer's state per parameter, keyed by the parameter's global name (so it loads
+    into any stage count), fp32 masters of :class:`twobp.MasterWeights`, the fp16 loss scale and
+    the steps done (the data position). The groups' settings (the lr) are not: a resumed job
+    runs with its own --lr."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_name = {}
+    for name, p in executor.named_parameters():
+        state, master = _optimizer_state_of(optimizer, p)
+        by_name[name] = {"state": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in state.items()},
+                         "master": None if master is None else master.detach().cpu().clone()}
+    payload = {"by_name": by_name, "steps_done": int(steps_done),
+               "scaler": grad_scaler.state_dict() if grad_scaler is not None else None}
+    path = folder / f"optim-{executor.rank}.pt"
+    torch.save(payload, path)
+    if dist.is_initialized():
+        dist.barrier(group=executor.group)
+    return path
+
+
+def load_training_state(executor: Any, folder: str | Path, optimizer: torch.optim.Optimizer,
+                        grad_scaler: Any = None) -> int | None:
+    """Restore what :func:`save_training_state` wrote into ``optimizer`` (and ``grad_scaler``)
+    for this rank's parameters; returns the steps done, or None for a checkpoint of weights only
+    (the optimizer then starts fresh)."""
+    files = sorted(Path(folder).glob("optim-*.pt"))
+    if not files:
+        return None
+    merged: dict[str, dict] = {}
+    steps = scaler = None
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=False)
+        merged.update(part["by_name"])
+        steps, scaler = part["steps_done"], part["scaler"]
+    missing = [n for n, _ in executor.named_parameters() if n not in merged]
+    if missing:
+        raise ValueError(f"checkpoint {folder} has no optimizer state for {len(missing)} parameters, e.g. {missing[:3]}")
+    inner = getattr(optimizer, "inner", None)
+    with torch.no_grad():
+        for name, p in executor.named_parameters():
+            saved = merged[name]
+            key = optimizer.master(p) if inner is not None else p
+            if saved["master"] is not None and key is not p:
+                key.copy_(saved["master"])
+            if saved["state"]:
+                (inner or optimizer).state[key] = {k: (v.to(key.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                                   for k, v in saved["state"].items()}
+    if grad_scaler is not None and scaler is not None:
+        grad_scaler.load_state_dict(scaler)
+    return steps
+

@@ -236,7 +236,7 @@ class JobConfig:
             have = load_full_state_dict(folder, mmap=True)
         except (ValueError, RuntimeError, OSError) as e:
             raise ValueError(f"--resume {self.resume}: {e}") from None
-        want = nn.Sequential(*blocks).state_dict()
+        want = nn.Sequential(*blocks).state_dict(keep_vars=True)
         missing = [k for k in want if k not in have]
         wrong = [k for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
         if missing or wrong:
@@ -247,6 +247,14 @@ class JobConfig:
                              + (f"{len(wrong)} of other shapes, e.g. {wrong[0]} {tuple(have[wrong[0]].shape)} vs "
                                 f"{tuple(want[wrong[0]].shape)}" if wrong else "")
                              + ". Resume with the model and preset that wrote it")
+        names_of: dict[int, list[str]] = {}
+        for k, t in want.items():  # one tensor under several keys: a tied weight
+            names_of.setdefault(id(t), []).append(k)
+        for names in (v for v in names_of.values() if len(v) > 1):
+            if any(not torch.equal(have[names[0]], have[k]) for k in names[1:]):
+                raise ValueError(f"--resume {self.resume}: this model ties {' and '.join(names)}, but the checkpoint "
+                                 "holds different values for them (saved without --tie-embeddings?): resume it "
+                                 "without --tie-embeddings, or from a checkpoint saved with the weights tied")
 
     @property
     def world(self) -> int:
@@ -356,7 +364,8 @@ def _meta_model(cfg: JobConfig):
         from .hf.job import HFJobModel
         return HFJobModel(cfg.hf_config, device="meta")
     from . import models
-    return models.build(cfg.model, cfg.preset, device="meta", **_overrides(cfg))
+    # the job's dtype: the batch source casts floating inputs (images) to the model's
+    return models.build(cfg.model, cfg.preset, device="meta", dtype=cfg.torch_dtype, **_overrides(cfg))
 
 
 def _build_stage_model(cfg: JobConfig, pp_rank: int, device):
@@ -401,6 +410,10 @@ class _Run:
         self.opt = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.dtype == "fp32"
                     else MasterWeights(params, torch.optim.AdamW, lr=cfg.lr))
         self.scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None
+        self.steps_before = 0  # steps a resumed checkpoint had done: the data continues from there
+        if cfg.resume:
+            from .checkpoint import load_training_state
+            self.steps_before = load_training_state(self.ex, cfg.resume, self.opt, self.scaler) or 0
         self.clip = cfg.clip_grad_norm
         self.mesh = mesh
         self.variant, self.schedule = variant, sched
@@ -457,7 +470,7 @@ def _probe_costs(cfg: JobConfig, mesh, device, data) -> dict:
 
 
 def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
-    from .checkpoint import save_stage_state
+    from .checkpoint import save_stage_state, save_training_state
 
     from . import models
     from .pipeline import init_mesh
@@ -476,8 +489,13 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
     costs = _probe_costs(cfg, mesh, device, data) if wants_costs else None
     runs = [_Run(cfg, v, mesh, device, costs if v.twobp else None) for v in cfg.variants]
     n = len(runs)
+    start = runs[0].steps_before  # a resumed run continues the data where its checkpoint stopped
+    if rank == 0 and cfg.resume and not cfg.quiet:
+        print(f"  resumed {cfg.resume}: weights" + (f", optimizer state; data from step {start + 1}" if start
+                                                     else " only (no optimizer state there): a fresh optimizer, "
+                                                          "data from step 1"), flush=True)
     for step in range(cfg.steps):
-        x, y = data.batch(step, cfg.batch_size, seed=cfg.seed)
+        x, y = data.batch(start + step, cfg.batch_size, seed=cfg.seed)
         x, y = x.to(device), y.to(device)
         # alternate: one step of every variant per round, the order rotated each round,
         # so a drift in machine speed hits every variant alike
@@ -500,6 +518,8 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
         empty = all(g[1] for g in gathered)
         if cfg.checkpoint and run is runs[-1] and mesh.get_local_rank("dp") == 0:
             save_stage_state(run.ex, cfg.checkpoint)
+            save_training_state(run.ex, cfg.checkpoint, run.opt, steps_done=run.steps_before + cfg.steps,
+                                grad_scaler=run.scaler)
         last = run.last
         results.append(dict(schedule=run.variant.schedule, twobp=run.variant.twobp,
                             memory_limit=run.variant.memory_limit, losses=run.losses,
@@ -564,14 +584,63 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
     return "\n".join(rows)
 
 
-def losses_agree(results: Sequence[VariantResult], rtol: float = 1e-4) -> tuple[bool, float]:
-    """Whether every variant's loss curve matches the first's; the largest relative gap."""
-    ref = results[0].losses
-    worst = 0.0
-    for r in results[1:]:
-        for a, b in zip(ref, r.losses):
-            worst = max(worst, abs(a - b) / max(abs(a), 1e-12))
-    return worst <= rtol, worst
+AGREE_STEPS = 5
+"""Steps whose losses must agree across variants: a lost or doubled gradient shows at the
+second step already, while rounding differences between schedules (which sum micro-batches'
+weight gradients in another order) grow geometrically under the optimizer and may pass any
+fixed tolerance after tens of steps without anything being wrong."""
+AGREE_RTOL = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}
+"""Relative tolerance of that check per --dtype (bf16 keeps 8 mantissa bits)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossAgreement:
+    ok: bool
+    """False where the check failed (a real disagreement, a diverged run, missing steps)."""
+    text: str
+    """The verdict as the job prints it."""
+    gap: float
+    """Largest relative gap over the checked steps (nan when not checked)."""
+
+
+def losses_agree(results: Sequence[VariantResult], dtype: str = "fp32", dropout: str | None = None) -> LossAgreement:
+    """Whether every variant's losses match the first's over the first :data:`AGREE_STEPS` steps,
+    within :data:`AGREE_RTOL` of ``dtype``. Non-finite losses fail (the run diverged), as do
+    curves of different lengths; with ``dropout`` on (its description) the variants draw
+    different masks, so the check is skipped and says why."""
+    if len(results) < 2:
+        return LossAgreement(True, "one schedule: nothing to compare", math.nan)
+    curves = [r.losses for r in results]
+    if any(not math.isfinite(v) for c in curves for v in c):
+        bad = sorted({r.label for r in results if any(not math.isfinite(v) for v in r.losses)})
+        return LossAgreement(False, f"NO: losses are not finite in {', '.join(bad)} (the run diverged: lower --lr, "
+                                    "or --clip-grad-norm)", math.nan)
+    if len({len(c) for c in curves}) > 1:
+        return LossAgreement(False, "NO: the variants ran different numbers of steps", math.nan)
+    if dropout:
+        return LossAgreement(True, f"not checked: {dropout} is on, so the variants draw different dropout masks",
+                             math.nan)
+    n = min(AGREE_STEPS, len(curves[0]))
+    gap = max(abs(a - b) / max(abs(a), 1e-12) for c in curves[1:] for a, b in zip(curves[0][:n], c[:n]))
+    rtol = AGREE_RTOL.get(dtype, 1e-4)
+    later = max((abs(a - b) / max(abs(a), 1e-12) for c in curves[1:] for a, b in zip(curves[0][n:], c[n:])),
+                default=None)
+    tail = f"; later steps drift to {later:.1e}, summation order amplified by the optimizer" \
+        if later is not None and later > rtol else ""
+    return LossAgreement(gap <= rtol, f"{'yes' if gap <= rtol else 'NO'} (largest relative gap over the first {n} "
+                                      f"steps {gap:.1e}, tolerance {rtol:g} for {dtype}{tail})", gap)
+
+
+def dropout_in(model: torch.nn.Module, hf_config=None) -> str | None:
+    """A description of the dropout a job's model applies in training, or None: nn.Dropout
+    modules with p > 0, and a Hugging Face config's dropout probabilities (some act inside
+    attention, not as modules)."""
+    ps = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0})
+    cfg = getattr(model, "config", None) if hf_config else None
+    if cfg is not None:
+        ps += sorted({v for k, v in vars(cfg).items() if ("dropout" in k or "pdrop" in k)
+                      and isinstance(v, float) and v > 0} - set(ps))
+    return f"dropout (p = {', '.join(f'{p:g}' for p in ps)})" if ps else None
 
 
 def results_to_json(results: Sequence[VariantResult], cfg: JobConfig, machine: str) -> dict:

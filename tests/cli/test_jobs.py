@@ -1,6 +1,7 @@
 """The `twobp` command and the training jobs behind it, on 2 gloo ranks (CPU)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -82,8 +83,35 @@ def test_losses_agree_detects_a_gap():
     def r(losses):
         return VariantResult("1f1b", False, losses, [1.0], 10, "tokens", 0.1, [0], True)
 
-    assert losses_agree([r([1.0, 0.9]), r([1.0, 0.9])])[0]
-    assert not losses_agree([r([1.0, 0.9]), r([1.0, 0.95])])[0]
+    assert losses_agree([r([1.0, 0.9]), r([1.0, 0.9])]).ok
+    assert not losses_agree([r([1.0, 0.9]), r([1.0, 0.95])]).ok
+    # a diverged run, or one curve shorter, is no agreement (NaN used to compare as equal)
+    nan = float("nan")
+    assert "not finite" in losses_agree([r([5.5, nan]), r([5.5, nan])]).text
+    assert not losses_agree([r([5.5, 4.0]), r([5.5, nan])]).ok
+    assert not losses_agree([r([5.5, 4.0, 3.0]), r([5.5, 4.0])]).ok
+    # bf16 keeps 8 mantissa bits: 2.7e-4 is rounding there, a disagreement in fp32
+    assert losses_agree([r([5.21193, 4.9]), r([5.21334, 4.9])], "bf16").ok
+    assert not losses_agree([r([5.21193, 4.9]), r([5.21334, 4.9])], "fp32").ok
+    # rounding drift after the checked steps is reported, not failed
+    ok = losses_agree([r([1.0] * 5 + [0.5]), r([1.0] * 5 + [0.6])])
+    assert ok.ok and "drift" in ok.text
+    # dropout draws different masks per schedule: not checked, and said so
+    said = losses_agree([r([1.0]), r([1.1])], dropout="dropout (p = 0.1)")
+    assert said.ok and said.text.startswith("not checked: dropout (p = 0.1)")
+
+
+def test_dropout_in_finds_modules_and_hugging_face_config_probabilities():
+    from torch import nn
+
+    from twobp.train import dropout_in
+
+    assert dropout_in(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0))) is None
+    assert dropout_in(nn.Sequential(nn.Dropout(0.1))) == "dropout (p = 0.1)"
+    m = nn.Linear(2, 2)
+    m.config = type("Cfg", (), {})()
+    m.config.attention_dropout, m.config.resid_pdrop = 0.0, 0.2
+    assert dropout_in(m, hf_config="gpt2") == "dropout (p = 0.2)"
 
 
 def test_help_explains_every_command():
@@ -197,3 +225,35 @@ def test_the_realised_gain_of_a_capped_auto_is_measured_against_the_capped_place
     lines = text.splitlines()
     assert lines[0].startswith("auto +2BP: simulated 1.154x"), text
     assert lines[1].startswith("auto@1 +2BP: simulated 0.750x"), text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_continues_the_run_it_was_saved_from(tmp_path, dtype):
+    """3 steps, checkpoint, 3 more from it (on 3 stages instead of 2) give the losses of one
+    6-step run: the optimizer state (AdamW moments, bf16's fp32 masters) and the data position
+    travel with the weights."""
+    base = dict(model="llama", preset="tiny", microbatches=4, batch_size=8, warmup=0, quiet=True, out=None,
+                timeout=120.0, dtype=dtype, variants=(Variant("1f1b", True),))
+    whole = run_job(JobConfig(stages=2, steps=6, **base))[0].losses
+    run_job(JobConfig(stages=2, steps=3, checkpoint=str(tmp_path / "ck"), **base))
+    rest = run_job(JobConfig(stages=3, steps=3, resume=str(tmp_path / "ck"), **base))[0].losses
+    assert rest == pytest.approx(whole[3:], rel=1e-6), (whole, rest)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_image_batches_take_the_jobs_dtype_and_a_smaller_run_replaces_a_bigger_ones_checkpoint(tmp_path):
+    """ResNet under bf16 got fp32 images (its batch source was the fp32 meta model) and failed
+    after spawning; a 2-stage checkpoint written over a 3-stage one left stage-2.pt behind,
+    whose keys repeated on load."""
+    small = dict(microbatches=2, batch_size=4, steps=2, warmup=0, quiet=True, out=None, timeout=120.0,
+                 variants=(Variant("1f1b", True),))
+    res = run_job(JobConfig(model="resnet", preset="tiny", dtype="bf16", **small))
+    assert all(math.isfinite(v) for v in res[0].losses)
+    ck = str(tmp_path / "ck")
+    run_job(JobConfig(stages=3, checkpoint=ck, **small))
+    run_job(JobConfig(stages=2, checkpoint=ck, **small))
+    assert sorted(p.name for p in (tmp_path / "ck").glob("stage-*.pt")) == ["stage-0.pt", "stage-1.pt"]
+    run_job(JobConfig(stages=2, resume=ck, **small))  # loads: no repeated keys
