@@ -210,7 +210,7 @@ def _job_main(args: argparse.Namespace) -> int:
         print("\n" + gain)
     from .train import _meta_model, dropout_in
 
-    agreement = losses_agree(results, cfg.dtype, dropout_in(_meta_model(cfg), cfg.hf_config))
+    agreement = losses_agree(results, cfg.dtype, dropout_in(_meta_model(cfg)))
     agree = agreement.ok
     if len(results) > 1:
         print(f"\nlosses agree across schedules: {agreement.text}")

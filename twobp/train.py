@@ -565,7 +565,7 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
     dp = base.replicas
     per = f" | {unit}/s per replica" if dp > 1 else ""
     rows = [f"| schedule | 2BP | carry | {unit}/s{per} | vs {base.label} (median of paired steps) | IQR | verdict | "
-            "bubble (last step) | peak saved bytes per stage | final loss |",
+            "bubble (last step) | peak deferred-p2 bytes per stage (the 2BP store) | final loss |",
             "|---|---|---|---:|" + ("---:|" if dp > 1 else "") + "---:|---|---|---:|---|---:|"]
     for r in results:
         med, q1, q3 = r.speedup_over(base)
@@ -631,16 +631,18 @@ def losses_agree(results: Sequence[VariantResult], dtype: str = "fp32", dropout:
                                       f"steps {gap:.1e}, tolerance {rtol:g} for {dtype}{tail})", gap)
 
 
-def dropout_in(model: torch.nn.Module, hf_config=None) -> str | None:
-    """A description of the dropout a job's model applies in training, or None: nn.Dropout
-    modules with p > 0, and a Hugging Face config's dropout probabilities (some act inside
-    attention, not as modules)."""
-    ps = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0})
-    cfg = getattr(model, "config", None) if hf_config else None
-    if cfg is not None:
-        ps += sorted({v for k, v in vars(cfg).items() if ("dropout" in k or "pdrop" in k)
-                      and isinstance(v, float) and v > 0} - set(ps))
-    return f"dropout (p = {', '.join(f'{p:g}' for p in ps)})" if ps else None
+def dropout_in(model: Any) -> str | None:
+    """A description of the dropout a job's model applies in training, or None: dropout modules
+    with p > 0, and its config's dropout probabilities (a Hugging Face model's attention dropout
+    acts inside attention, not as a module). ``model``: an nn.Module or a job model holding one
+    (``.model``) and its config (``.hf_config`` or ``.config``)."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    ps = {m.p for m in (module.modules() if module is not None else ())
+          if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0}
+    cfg = getattr(model, "hf_config", None) or getattr(module, "config", None)
+    fields = cfg.to_dict() if hasattr(cfg, "to_dict") else (vars(cfg) if hasattr(cfg, "__dict__") else {})
+    ps |= {v for k, v in fields.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0}
+    return f"dropout (p = {', '.join(f'{p:g}' for p in sorted(ps))})" if ps else None
 
 
 def results_to_json(results: Sequence[VariantResult], cfg: JobConfig, machine: str) -> dict:

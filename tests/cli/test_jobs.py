@@ -111,7 +111,10 @@ def test_dropout_in_finds_modules_and_hugging_face_config_probabilities():
     m = nn.Linear(2, 2)
     m.config = type("Cfg", (), {})()
     m.config.attention_dropout, m.config.resid_pdrop = 0.0, 0.2
-    assert dropout_in(m, hf_config="gpt2") == "dropout (p = 0.2)"
+    assert dropout_in(m) == "dropout (p = 0.2)"
+    job = type("Job", (), {})()  # twobp.hf's job model: not a module, holds one and its config
+    job.model, job.hf_config = nn.Sequential(nn.Dropout(0.1)), None
+    assert dropout_in(job) == "dropout (p = 0.1)"
 
 
 def test_help_explains_every_command():
