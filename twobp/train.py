@@ -608,13 +608,13 @@ def losses_agree(results: Sequence[VariantResult], dtype: str = "fp32", dropout:
     within :data:`AGREE_RTOL` of ``dtype``. Non-finite losses fail (the run diverged), as do
     curves of different lengths; with ``dropout`` on (its description) the variants draw
     different masks, so the check is skipped and says why."""
-    if len(results) < 2:
-        return LossAgreement(True, "one schedule: nothing to compare", math.nan)
     curves = [r.losses for r in results]
     if any(not math.isfinite(v) for c in curves for v in c):
         bad = sorted({r.label for r in results if any(not math.isfinite(v) for v in r.losses)})
         return LossAgreement(False, f"NO: losses are not finite in {', '.join(bad)} (the run diverged: lower --lr, "
                                     "or --clip-grad-norm)", math.nan)
+    if len(results) < 2:
+        return LossAgreement(True, "one schedule: nothing to compare", math.nan)
     if len({len(c) for c in curves}) > 1:
         return LossAgreement(False, "NO: the variants ran different numbers of steps", math.nan)
     if dropout:
