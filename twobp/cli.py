@@ -215,7 +215,7 @@ def _job_main(args: argparse.Namespace) -> int:
     if len(results) > 1:
         print(f"\nlosses agree across schedules: {agreement.text}")
     elif not agree:
-        print(f"\n{agreement.text[4:]}")  # one schedule: only a diverged run fails
+        print(f"\nlosses: {agreement.text}")  # one schedule: only a diverged run fails
     print(f"activation store empty after every step: {'yes' if all(r.store_empty for r in results) else 'NO'}")
     payload = results_to_json(results, cfg, machine)
     if cfg.out:

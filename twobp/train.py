@@ -611,7 +611,7 @@ def losses_agree(results: Sequence[VariantResult], dtype: str = "fp32", dropout:
     curves = [r.losses for r in results]
     if any(not math.isfinite(v) for c in curves for v in c):
         bad = sorted({r.label for r in results if any(not math.isfinite(v) for v in r.losses)})
-        return LossAgreement(False, f"NO: losses are not finite in {', '.join(bad)} (the run diverged: lower --lr, "
+        return LossAgreement(False, f"not finite in {', '.join(bad)} (the run diverged: lower --lr, "
                                     "or --clip-grad-norm)", math.nan)
     if len(results) < 2:
         return LossAgreement(True, "one schedule: nothing to compare", math.nan)

@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import averages_over, count_targets
+from ..data import IGNORE_INDEX, averages_over, count_targets
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "masked_lm_loss", "classification_loss"]
-
-IGNORE_INDEX = -100
-"""Label value the losses skip (transformers' convention)."""
 
 
 @averages_over(lambda labels: count_targets(labels[:, 1:]))
