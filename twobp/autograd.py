@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-import weakref
 from typing import Hashable, Sequence
 
 import torch
@@ -45,7 +44,7 @@ from torch.autograd import forward_ad as _forward_ad
 from .backend import forced_backend, pinned_backend, resolve_backend
 from .ops.base import SplitOp
 from .split import _SplitState, current_split
-from .store import Entry, EntryState
+from .store import Entry
 
 __all__ = ["split_apply", "runs_as_torch"]
 
@@ -53,7 +52,10 @@ __all__ = ["split_apply", "runs_as_torch"]
 def _detached(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     """The saved set with no tensor tied to a graph (an input that requires grad, kept by
     the store past its node, would keep the whole graph before it alive)."""
-    return {k: (v.detach() if v is not None and v.requires_grad else v) for k, v in saved.items()}
+    for v in saved.values():
+        if v is not None and v.requires_grad:
+            return {k: (v.detach() if v is not None and v.requires_grad else v) for k, v in saved.items()}
+    return saved
 
 
 def _in_backward() -> bool:
@@ -63,42 +65,43 @@ def _in_backward() -> bool:
 
 class _Call:
     """What one split op call passes to its autograd node besides tensors: one argument
-    instead of seven, since every non-tensor argument costs Python in Function.apply."""
+    instead of several, since every non-tensor argument costs Python in Function.apply.
 
-    __slots__ = ("op", "owner", "label", "n_inputs", "split", "p_needs", "real_params")
+    In a split region the parameters travel here, not as tensor arguments: they are then no
+    inputs of the node, so autograd never accumulates into their ``.grad`` (p2 does)."""
+
+    __slots__ = ("op", "owner", "label", "n_inputs", "split", "p_needs", "real_params", "compute_params")
 
     def __init__(self, op: SplitOp, owner: Hashable, label: str, n_inputs: int, split: _SplitState | None,
-                 p_needs: tuple[bool, ...], real_params: tuple) -> None:
+                 p_needs: tuple[bool, ...], real_params: tuple, compute_params: tuple = ()) -> None:
         self.op, self.owner, self.label, self.n_inputs = op, owner, label, n_inputs
-        self.split, self.p_needs, self.real_params = split, p_needs, real_params
+        self.split, self.p_needs = split, p_needs
+        self.real_params, self.compute_params = real_params, compute_params
 
 
 class _SplitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):  # type: ignore[override]
         op, split, p_needs, n_inputs = call.op, call.split, call.p_needs, call.n_inputs
-        if split is not None:
-            tensors = tensors[:-1]  # the anchor (see split_apply)
-        inputs, params = tensors[:n_inputs], tensors[n_inputs:]
+        inputs = tensors[:n_inputs]
+        # split: the parameters come in the _Call (tensors may end with the anchor, see split_apply)
+        params = tensors[n_inputs:] if split is None else call.compute_params
         in_needs = tuple([t is not None and t.requires_grad for t in inputs])
-        if split is not None:
-            # ops read requires_grad off the parameters to decide what p2 needs: flag the
-            # detached ones as the real ones are (grad mode is off in here: no graph)
-            params = tuple([None if a is None else a.detach().requires_grad_(need) for a, need in zip(params, p_needs)])
         out, p1, p2 = op.forward(inputs, params, save_p1=True in in_needs, save_p2=True in p_needs)
         p1, p2 = _detached(p1), _detached(p2)
         ctx.op, ctx.in_needs, ctx.p_needs = op, in_needs, p_needs
-        ctx.n_in, ctx.n_params = n_inputs, len(params)
+        ctx.n_in, ctx.n_params, ctx.n_extra = n_inputs, len(params), len(tensors) - n_inputs
         ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
         ctx.entry = None
         ctx.backend = forced_backend()  # backward may run on another thread (CUDA): keep the choice
         if split is not None:
-            ctx.entry = split.store.open(owner=call.owner, label=call.label, microbatch=split.microbatch, op=op,
-                                         params=call.real_params, param_mask=p_needs, p2=p2)
-            split.opened.append(ctx.entry)
+            entry = split.store.open(owner=call.owner, label=call.label, microbatch=split.microbatch, op=op,
+                                     params=call.real_params, param_mask=p_needs, p2=p2)
+            ctx.entry = entry
+            split.opened.append(entry)
             # An output that never reaches a loss has its graph freed without a backward:
             # its entry goes with it (its weight gradient is zero; there is nothing to defer).
-            weakref.finalize(ctx, _drop_if_unused, ctx.entry)
+            entry.close_with(ctx)
         ctx.save_for_backward(*p1.values(), *p2.values(), *params, *inputs)
         return out
 
@@ -136,7 +139,7 @@ class _SplitFunction(torch.autograd.Function):
                 entry.deposit_dy(dy.detach().contiguous())
             else:
                 entry.deposit_partials(_detached(partials))
-            return (*head, *dx, *((None,) * ctx.n_params), None)
+            return (*head, *dx, *((None,) * ctx.n_extra))
         # autograd.grad(..., inputs=...) may ask for a subset: compute only that
         in_needs = tuple(ctx.needs_input_grad[1:1 + ctx.n_in])
         p_needs = tuple(ctx.needs_input_grad[1 + ctx.n_in:])
@@ -151,11 +154,6 @@ class _SplitFunction(torch.autograd.Function):
 # setup_context, and runs only with functorch transforms off: _traced_forward takes those);
 # the C entry point skips ~15 Python calls on every op call, each a cache miss after a GEMM.
 _APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SplitFunction)
-
-
-def _drop_if_unused(entry: Entry) -> None:
-    if entry.state is EntryState.FORWARD:
-        entry.close()
 
 
 def _differentiable_grads(op: SplitOp, dy: Tensor, inputs: tuple, params: tuple,
@@ -236,12 +234,19 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         return _forward_only(op, inputs, compute_params)
     if split is not None and True in p_needs and not _in_backward() and _leaves(params, p_needs, label):
         _refuse_ddp_forward(label)
-        # Split: the parameters are no inputs of the node (p2 fills their .grad); detached
-        # views share their version counters, so in-place edits are still caught. The
-        # anchor, a leaf that never gets a gradient, keeps the node in the graph when no
-        # input needs a gradient (a first layer), so that p1 runs and readies p2.
-        args = [p.detach() if p is not None else None for p in compute_params]
-        return _APPLY(_Call(op, owner, label, len(inputs), split, p_needs, params), *inputs, *args, _anchor())
+        # Split: the parameters are no inputs of the node (p2 fills their .grad); the node
+        # saves them, so in-place edits are still caught. An autocast copy is detached (kept
+        # past its node it would hold the cast's graph) and flagged as its parameter is, since
+        # ops read requires_grad to decide what p2 needs. The anchor, a leaf that never gets a
+        # gradient, keeps the node in the graph when no input needs a gradient (a first
+        # layer), so that p1 runs and readies p2.
+        if compute_params is not params:
+            compute_params = tuple([None if c is None else c.detach().requires_grad_(need)
+                                    for c, need in zip(compute_params, p_needs)])
+        call = _Call(op, owner, label, len(inputs), split, p_needs, params, compute_params)
+        if _any_requires_grad(inputs):
+            return _APPLY(call, *inputs)
+        return _APPLY(call, *inputs, _anchor())
     if not _saved_tensor_hooks_active():
         out = op.native_forward(inputs, compute_params)
         if out is not None:

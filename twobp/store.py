@@ -104,7 +104,7 @@ class Entry:
     """
 
     __slots__ = ("store", "_owner", "owner_id", "label", "microbatch", "op", "params", "param_mask", "state",
-                 "p2", "dy", "seq", "_keys", "_versions", "_param_versions", "_dy_version")
+                 "p2", "dy", "seq", "_keys", "_versions", "_param_versions", "_dy_version", "_node")
 
     def __init__(self, store: "ActivationStore", owner: Hashable, label: str, microbatch: int,
                  op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]):
@@ -125,8 +125,9 @@ class Entry:
         self._dy_version = 0
         self.seq = next(_seq)
         self._keys: set[tuple[int, int]] = set()
-        self._versions = record_versions(p2)
+        self._versions = {id(t): t._version for t in p2.values() if t is not None}
         self._param_versions = [p._version if p is not None else None for p in self.params]
+        self._node: weakref.ref | None = None
 
     @property
     def owner(self) -> Any:
@@ -167,13 +168,24 @@ class Entry:
                                  for p, need in zip(self.params, self.param_mask)])
         return True
 
+    def close_with(self, node: Any) -> None:
+        """Drop this entry if ``node`` (the autograd node of its forward) is freed before p1
+        ran: an output that never reached a loss has its graph freed with no backward, and
+        its weight gradient is zero, so nothing is deferred. (A weak reference with a
+        callback, cut at :meth:`close`: cheaper per call than ``weakref.finalize``.)"""
+        self._node = weakref.ref(node, self._node_freed)
+
+    def _node_freed(self, ref: weakref.ref) -> None:
+        if self.state is EntryState.FORWARD:
+            self.close()
+
     def deposit_dy(self, dy: Tensor) -> None:
         """Finish p1: keep dy for p2; the entry becomes ready."""
         with self.store._lock:
             self.dy = dy
             self._dy_version = dy._version
             self.state = EntryState.READY
-            self.store._refresh(self)
+            self.store._hold(self, dy)  # the p2 set is held already: only dy is new
 
     def deposit_partials(self, partials: dict[str, Tensor]) -> None:
         """Finish p1 of an op that reduced its parameter gradients to partials in p1: they
@@ -273,17 +285,29 @@ class ActivationStore:
              params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]) -> Entry:
         """Record a forward's p2 set under ``(owner, microbatch)`` (one more entry if that
         module already ran under this micro-batch: p2 accumulates all of them)."""
-        _install_step_guard()
+        if not _guard_installed:
+            _install_step_guard()
         with self._lock:
             entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
             self._entries[entry.seq] = entry
-            self._refresh(entry)
+            for t in p2.values():
+                if t is not None:
+                    self._hold(entry, t)
             return entry
 
     def _owner_died(self, ref: weakref.ref) -> None:
         with self._lock:
             for e in [e for e in self._entries.values() if e._owner is ref]:
                 self._close(e)
+
+    def _hold(self, entry: Entry, t: Tensor) -> None:
+        """Count one more tensor of ``entry`` (its storage once)."""
+        k = _storage_key(t)
+        if k not in entry._keys:
+            entry._keys.add(k)
+            self._acquire(k)
+            if self._live > self._peak:
+                self._peak = self._live
 
     def _refresh(self, entry: Entry) -> None:
         new = {_storage_key(t) for t in entry.tensors()}
@@ -313,6 +337,7 @@ class ActivationStore:
             for k in entry._keys:
                 self._release(k)
             entry._keys = set()
+            entry._node = None  # the callback holds the entry: cut the cycle
             entry.p2 = entry.dy = None
             entry.params = ()
             entry.state = EntryState.CLOSED

@@ -202,3 +202,57 @@ def test_a_backward_restricted_to_the_parameters_is_named_when_p2_is_asked_for()
     with pytest.raises(RuntimeError, match=r"before its p1.*inputs=\[\.\.\.\].*backward_p2"):
         twobp.backward_p2(ours, microbatches=0)
     twobp.default_store().clear()
+
+
+def test_a_split_output_that_never_reaches_a_loss_leaves_nothing_behind():
+    """Its graph is freed with no backward: the entry goes with it, and p2 of the same
+    micro-batch accumulates only the calls whose outputs reached the loss."""
+    import gc
+
+    ref, ours = _linear_pair()
+    x_used, x_dropped = _inputs(2)
+    store = twobp.ActivationStore()
+    with twobp.split_backward(microbatch=0, store=store):
+        used = ours(x_used).pow(2).sum()
+        dropped = ours(x_dropped)
+    assert len(store.entries()) == 2
+    del dropped
+    gc.collect()
+    assert [e.state.value for e in store.entries()] == ["forward"]
+    used.backward()
+    twobp.backward_p2(ours, store=store)
+    assert store.is_empty() and store.live_bytes == 0
+    ref(x_used).pow(2).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True], ids=["first-layer", "inner-layer"])
+def test_split_call_is_exact_whether_or_not_its_input_needs_a_gradient(input_needs_grad):
+    """A first layer (no input needs a gradient) still runs p1, which readies its p2."""
+    ref, ours = _linear_pair()
+    (x,) = _inputs(1)
+    xr, xo = x.clone().requires_grad_(input_needs_grad), x.clone().requires_grad_(input_needs_grad)
+    ref(xr).pow(2).sum().backward()
+    with twobp.split_backward(microbatch=0):
+        loss = ours(xo).pow(2).sum()
+    loss.backward()
+    assert ours.weight.grad is None  # deferred to p2
+    twobp.backward_p2(ours)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-12, atol=1e-12)
+    if input_needs_grad:
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_weight_edited_in_place_between_forward_and_p1_is_caught_by_autograd():
+    """The node saves the parameter itself (it is not one of its inputs in a split region):
+    an in-place edit before p1 raises torch's own version error, as for nn.Linear."""
+    _, ours = _linear_pair()
+    (x,) = _inputs(1)
+    with twobp.split_backward(microbatch=0):
+        loss = ours(x.requires_grad_()).pow(2).sum()
+    with torch.no_grad():
+        ours.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    twobp.default_store().clear()
