@@ -4,6 +4,7 @@ a traceback from deep inside, or a silent wrong answer; a handful of legal-but-u
 uses must give exactly what plain torch gives."""
 
 import math
+import re
 import warnings
 
 from pathlib import Path
@@ -302,14 +303,20 @@ CASES = [
     ("cli-preset", lambda: _cli("train", "--preset", "7x"), SystemExit, r"known: tiny"),
     ("cli-family-preset", lambda: _cli("train", "--model", "bert", "--preset", "7b"), SystemExit,
      r"unknown preset '7b' for bert"),
-    ("cli-1f1b-chunks", lambda: _cli("train", "--chunks", "2"), SystemExit, r"use 'interleaved-1f1b'"),
+    ("cli-1f1b-chunks", lambda: _cli("train", "--chunks", "2"), SystemExit,
+     r"one chunk per rank \(--chunks 2\); use 'interleaved-1f1b'"),
+    ("cli-layout-v-1f1b", lambda: _cli("train", "--schedule", "1f1b", "--layout", "v", "--chunks", "2"), SystemExit,
+     r"built by 'auto' \(or 'gpipe'\): use auto with --layout v$"),
+    ("cli-layout-v-one-chunk", lambda: _cli("train", "--schedule", "gpipe", "--layout", "v"), SystemExit,
+     r"--layout v needs --chunks >= 2 .*add --chunks 2$"),
     ("cli-interleaved-m", lambda: _cli("train", "--schedule", "interleaved-1f1b", "--chunks", "2",
                                        "--microbatches", "3", "--batch-size", "6"), SystemExit,
-     r"use microbatches=4"),
+     r"\(--microbatches 3, --stages 2\); use --microbatches 4$"),
     ("cli-resume", lambda: _cli("train", "--resume", "/nonexistent/ck"), SystemExit, r"a previous --checkpoint"),
     ("cli-lr-nan", lambda: _cli("train", "--lr", "nan"), SystemExit, r"--lr must be a finite number"),
     ("cli-lr-negative", lambda: _cli("train", "--lr", "-1"), SystemExit, r"--lr must be a finite number >= 0"),
-    ("cli-dp-batch", lambda: _cli("train", "--dp", "3"), SystemExit, r"must split into dp=3 equal replica shares"),
+    ("cli-dp-batch", lambda: _cli("train", "--dp", "3"), SystemExit,
+     r"--batch-size 8 must split into --dp 3 equal replica shares .*use --batch-size 12"),
     ("cli-dtype", lambda: _cli("train", "--dtype", "fp8"), SystemExit, r""),
     ("cli-clip", lambda: _cli("train", "--clip-grad-norm", "-1"), SystemExit, r"--clip-grad-norm must be"),
     ("cli-tied-bert", lambda: _cli("train", "--model", "bert", "--tie-embeddings"), SystemExit,
@@ -364,7 +371,6 @@ def test_misuse_gets_an_error_that_names_the_fix(call, exc, pattern, capsys):
         text = capsys.readouterr().err  # argparse and simulate print their message, then exit 2
         assert info.value.code == 2 and text.strip(), "an exit code without a message"
     assert len(text.strip().splitlines()[0]) > 10, f"too terse: {text!r}"
-    import re
     assert re.search(pattern, text), f"{text!r} does not match {pattern!r}"
     twobp.default_store().clear()
 
@@ -436,3 +442,19 @@ def test_unbatched_conv_and_attention_inputs_work_as_in_torch():
     att.load_state_dict(mha.state_dict())
     s = torch.randn(5, 8)
     torch.testing.assert_close(att(s, s, s)[0], mha(s, s, s, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("--schedules", "1f1b", "--chunks", "2"), r"one chunk per rank \(--chunks 2\)"),
+    (("--schedules", "interleaved-1f1b", "--chunks", "2", "--microbatches", "3"),
+     r"\(--microbatches 3, --stages 4\); use --microbatches 4"),
+    (("--schedules", "auto-2bp", "--chunks", "2", "--memory-limit", "1"),
+     r"fits --memory-limit 1 micro-batch chunks per rank; use --memory-limit 2 or more"),
+])
+def test_simulate_names_the_fix_in_its_own_flags(argv, expected, capsys):
+    """make_schedule's keyword spelling (chunks=2, memory_limit=1) comes out as the flags the
+    user typed, so the fix can be typed as it stands."""
+    assert simulate_main(["--stages", "4", "--microbatches", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err), err
+    assert not re.search(r"\b(chunks|microbatches|stages|memory_limit)=", err), err

@@ -130,16 +130,16 @@ class JobConfig:
         for name in ("stages", "chunks", "microbatches", "batch_size", "steps", "threads", "dp"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.warmup < 0 or self.warmup >= self.steps:
-            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup}; "
+            raise ValueError(f"--warmup must be in [0, --steps {self.steps}), got {self.warmup}; "
                              "lower --warmup or raise --steps")
         if self.batch_size < self.microbatches:
-            raise ValueError(f"batch_size={self.batch_size} cannot make {self.microbatches} micro-batches; "
+            raise ValueError(f"--batch-size {self.batch_size} cannot make {self.microbatches} micro-batches; "
                              f"use --batch-size >= {self.microbatches}")
         if self.batch_size % self.dp or self.batch_size // self.dp < self.microbatches:
-            raise ValueError(f"batch_size={self.batch_size} must split into dp={self.dp} equal replica shares of at "
-                             f"least microbatches={self.microbatches} rows; use --batch-size "
+            raise ValueError(f"--batch-size {self.batch_size} must split into --dp {self.dp} equal replica shares of "
+                             f"at least --microbatches {self.microbatches} rows; use --batch-size "
                              f"{self.dp * self.microbatches} or a multiple of it")
         from .pipeline.actions import LAYOUTS
         if self.layout not in LAYOUTS:
@@ -173,6 +173,7 @@ class JobConfig:
         folder, and whether --out / --checkpoint can be written."""
         from . import models
         from .pipeline import SCHEDULE_NAMES, make_schedule
+        from .pipeline.flags import as_flags
 
         overrides = {"tie_embeddings": self.tie_embeddings} if self.model == "llama" else {}
         if self.tie_embeddings and (self.model != "llama" or self.hf_config):
@@ -214,8 +215,11 @@ class JobConfig:
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # too few micro-batches only warns; the run says so too
-                make_schedule(v.schedule, stages=self.stages, microbatches=self.microbatches, twobp=v.twobp,
-                              chunks=self.chunks, layout=self.layout, validate_result=False)
+                try:
+                    make_schedule(v.schedule, stages=self.stages, microbatches=self.microbatches, twobp=v.twobp,
+                                  chunks=self.chunks, layout=self.layout, validate_result=False)
+                except ValueError as e:
+                    raise ValueError(as_flags(str(e), memory_limit="auto@{}")) from None
         if self.resume:
             folder = Path(self.resume)
             if not folder.is_dir() or not any(folder.glob("stage-*.pt")):
@@ -304,6 +308,9 @@ class VariantResult:
     """Data-parallel replicas that shared each step's batch."""
     memory_limit: int | None = None
     """auto's cap: micro-batch chunks a rank held at most from F to P2 (None: no cap)."""
+    skipped_steps: int | None = None
+    """Optimizer steps fp16 loss scaling skipped (inf/nan gradients), warm-up included; None
+    without loss scaling (fp32, bf16)."""
 
     @property
     def label(self) -> str:
@@ -526,7 +533,8 @@ def _worker(rank: int, world: int, cfg: JobConfig) -> list[dict] | None:
                             step_seconds=run.seconds, items_per_step=run.items, unit=run.unit,
                             bubble_fraction=last.timeline.bubble_fraction() if last.timeline else math.nan,
                             peak_bytes=peaks, store_empty=empty, timeline=last.timeline, costs=last.costs,
-                            carry=list(run.schedule.carry), replicas=cfg.dp))
+                            carry=list(run.schedule.carry), replicas=cfg.dp,
+                            skipped_steps=run.ex.skipped_steps if run.scaler is not None else None))
     del runs
     return results if rank == 0 else None
 
@@ -564,9 +572,11 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
     unit = base.unit
     dp = base.replicas
     per = f" | {unit}/s per replica" if dp > 1 else ""
+    scaled = any(r.skipped_steps is not None for r in results)
+    skip = " steps skipped (fp16 inf/nan) |" if scaled else ""
     rows = [f"| schedule | 2BP | carry | {unit}/s{per} | vs {base.label} (median of paired steps) | IQR | verdict | "
-            "bubble (last step) | peak deferred-p2 bytes per stage (the 2BP store) | final loss |",
-            "|---|---|---|---:|" + ("---:|" if dp > 1 else "") + "---:|---|---|---:|---|---:|"]
+            f"bubble (last step) | peak deferred-p2 bytes per stage (the 2BP store) | final loss |{skip}",
+            "|---|---|---|---:|" + ("---:|" if dp > 1 else "") + "---:|---|---|---:|---|---:|" + ("---:|" if scaled else "")]
     for r in results:
         med, q1, q3 = r.speedup_over(base)
         if r is base:
@@ -580,7 +590,8 @@ def format_results(results: Sequence[VariantResult], *, baseline: int = 0) -> st
         name = r.schedule + (f"@{r.memory_limit}" if r.memory_limit is not None else "")
         rows.append(f"| {name} | {'yes' if r.twobp else 'no'} | {carry} | {r.throughput:,.0f}{rep} | "
                     f"{med:.3f}x | {q1:.3f}-{q3:.3f} | {verdict} | {r.bubble_fraction:.1%} | "
-                    f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |")
+                    f"{' / '.join(format_bytes(b) for b in r.peak_bytes)} | {r.loss:.5f} |"
+                    + (f" {r.skipped_steps} of {len(r.losses)} |" if scaled else ""))
     return "\n".join(rows)
 
 
@@ -658,7 +669,7 @@ def results_to_json(results: Sequence[VariantResult], cfg: JobConfig, machine: s
                   "step_seconds": r.step_seconds,
                   "bubble_fraction": r.bubble_fraction, "peak_bytes": max(r.peak_bytes),
                   "peak_bytes_per_stage": r.peak_bytes, "loss": r.loss, "losses": r.losses,
-                  "store_empty": r.store_empty} for r in results],
+                  "store_empty": r.store_empty, "skipped_steps": r.skipped_steps} for r in results],
     }
 
 
@@ -724,6 +735,19 @@ def save_json(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def _share_of_gain(simulated: float, median: float, q1: float, q3: float) -> str:
+    """How much of the simulated gain the paired measurement realised, said only where the
+    measurement resolves it: a share needs a simulated gain to divide by, and a measured
+    interquartile range that leaves out 1.0 (else the share is noise over a small number and
+    may read -900%)."""
+    if simulated <= 1.001:
+        return "no simulated gain to realise"
+    if q1 <= 1.0 <= q3:
+        return (f"within noise of no gain: interquartile range [{q1:.3f}, {q3:.3f}]; more --steps resolve "
+                "the share of the simulated gain")
+    return f"realises {(median - 1) / (simulated - 1):.0%} of the simulated gain"
+
+
 def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | None:
     """One line: each cost-placed 2BP variant's simulated speedup over the first variant (the
     simulator on the per-stage costs that variant measured in its last step) against the
@@ -744,8 +768,7 @@ def realised_gain(results: Sequence[VariantResult], cfg: JobConfig) -> str | Non
                               memory_limit=r.memory_limit)
         plain = make_schedule("1f1b", stages=cfg.stages, microbatches=cfg.microbatches, twobp=False)
         sim = simulate(plain, costs).makespan / (period(sched, costs) if sched.carry else simulate(sched, costs).makespan)
-        got = r.speedup_over(base)[0]
-        share = f"{(got - 1) / (sim - 1):.0%}" if sim > 1.001 else "n/a"
+        got, lo, hi = r.speedup_over(base)
         lines.append(f"{r.label}: simulated {sim:.3f}x over {base.label} on its measured costs, measured {got:.3f}x "
-                     f"(realises {share} of the simulated gain)")
+                     f"({_share_of_gain(sim, got, lo, hi)})")
     return "\n".join(lines) or None

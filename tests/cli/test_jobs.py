@@ -66,7 +66,7 @@ def test_checkpoint_loads_into_a_different_stage_count(tmp_path):
 
 
 def test_bad_configurations_get_one_line_errors():
-    with pytest.raises(SystemExit, match="batch_size=2 cannot make 4 micro-batches"):
+    with pytest.raises(SystemExit, match="--batch-size 2 cannot make 4 micro-batches"):
         main(["run", "--batch-size", "2", "--microbatches", "4"])
     with pytest.raises(SystemExit, match="warmup"):
         main(["run", "--steps", "2", "--warmup", "5"])
@@ -149,6 +149,14 @@ def test_bf16_and_fp16_jobs_train():
         losses = res[0].losses
         assert all(l == l and l < 7 for l in losses), (dtype, losses)  # finite, and a byte LM's ln(256) ≈ 5.5
         assert losses[-1] < losses[0], (dtype, losses)
+        from twobp.train import format_results
+
+        table = format_results(res)
+        if dtype == "fp16":  # loss scaling: the steps it skipped are counted and shown
+            assert res[0].skipped_steps in (0, 1, 2), res[0].skipped_steps
+            assert "steps skipped (fp16 inf/nan)" in table and f"| {res[0].skipped_steps} of 3 |" in table, table
+        else:
+            assert res[0].skipped_steps is None and "skipped" not in table, table
 
 
 @pytest.mark.slow
@@ -229,6 +237,24 @@ def test_the_realised_gain_of_a_capped_auto_is_measured_against_the_capped_place
     lines = text.splitlines()
     assert lines[0].startswith("auto +2BP: simulated 1.154x"), text
     assert lines[1].startswith("auto@1 +2BP: simulated 0.750x"), text
+
+
+@pytest.mark.parametrize("step_seconds, expected", [
+    ([1.0, 1.0, 1.0, 1.0], "within noise of no gain"),  # a short run: 1.00x, the IQR holds 1
+    ([1.2, 0.8, 1.1, 0.9], "within noise of no gain"),  # measured 1.0x, spread both ways
+    ([0.9, 0.91, 0.9, 0.92], "realises 68% of the simulated gain"),  # 1.105x of a simulated 1.154x
+])
+def test_the_share_of_the_simulated_gain_is_said_only_where_the_measurement_resolves_it(step_seconds, expected):
+    """A measured speedup whose interquartile range holds 1.0 gives no share (a median of 0.99x
+    against a simulated 1.001x would read -900%)."""
+    from twobp.train import VariantResult, realised_gain
+
+    costs = {"F": 1.0, "P1": 1.0, "P2": 1.0, "B": 2.0, "comm": 0.0}
+    base = VariantResult("1f1b", False, [1.0], [1.0] * 4, 10, "tokens", 0.1, [0], True)
+    ours = VariantResult("1f1b", True, [1.0], step_seconds, 10, "tokens", 0.1, [0], True, costs=costs)
+    text = realised_gain([base, ours], JobConfig(stages=2, microbatches=4))
+    assert expected in text, text
+    assert "-" not in text.split("measured")[1], text
 
 
 @pytest.mark.slow

@@ -433,3 +433,33 @@ def step_after_a_failed_step(rank: int, world: int) -> list[str]:
         except Exception as e:  # noqa: BLE001 - the parent reads what each attempt said
             said.append(str(e))
     return said
+
+
+def scaler_skips_together(rank: int, world: int, carry: bool) -> dict:
+    """fp16-style loss scaling where only rank 0 finds an inf (a hook poisons its LayerNorm's
+    gradient in step 0): every rank must skip that optimizer step and count it, and take the
+    next one. Returns this rank's skip counts and whether its weights moved, per step."""
+    torch.set_num_threads(1)
+    blocks = build_blocks(0)
+    poison = {"on": True}
+    blocks[2].weight.register_hook(lambda g: torch.full_like(g, float("inf")) if poison["on"] else g)
+    if carry:
+        sched = make_schedule("auto", stages=world, microbatches=4, twobp=True, overlap_steps=True,
+                              costs={"F": 1.0, "P1": 1.2, "P2": 0.6})
+        assert sched.carry, sched.carry
+    else:
+        sched = make_schedule("1f1b", stages=world, microbatches=4, twobp=True)
+    ex = PipelineExecutor(blocks, loss_fn, schedule=sched, timeout=20, overlap_steps=carry)
+    opt = torch.optim.SGD(ex.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    out = {"skipped": [], "moved": [], "scale": []}
+    for step in range(3):
+        before = [p.detach().clone() for p in ex.parameters()]
+        ex.step(*make_batch(step, 8), optimizer=opt, grad_scaler=scaler, measure=False)
+        if step == 2:
+            ex.flush()
+        poison["on"] = False
+        out["skipped"].append(ex.skipped_steps)
+        out["moved"].append(any(not torch.equal(b, p) for b, p in zip(before, ex.parameters())))
+        out["scale"].append(float(scaler.get_scale()))
+    return out

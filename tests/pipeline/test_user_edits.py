@@ -90,3 +90,18 @@ def test_a_step_after_a_failed_step_says_at_once_that_the_ranks_must_restart():
         assert said[0].startswith("ok ")
         assert "failed in training step 2" in said[1], said
         assert "training step 2 of this executor failed" in said[2] and "restart the ranks" in said[2], said
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("carry", [False, True], ids=["1f1b-2bp", "auto-carried"])
+def test_an_inf_on_one_rank_skips_the_step_on_every_rank_and_is_counted(carry):
+    """GradScaler's verdict is one for the whole model: rank 0's inf skips rank 1's step too
+    (else the stages would part), both count it, and both take the next step. A schedule that
+    would carry P2 into the next step runs it at the step's end instead (the inf agreement is a
+    collective over the ranks), so both cases skip step 0 alone."""
+    outs = spawn(W.scaler_skips_together, world_size=2, args=(carry,), timeout=60, env=ENV)
+    for rank, out in enumerate(outs):
+        assert out["skipped"] == [1, 1, 1], (rank, out)
+        assert out["moved"] == [False, True, True], (rank, out)
+    assert outs[0]["scale"] == outs[1]["scale"] == [32768.0] * 3, outs

@@ -255,8 +255,8 @@ def auto_schedule(*, stages: int, microbatches: int, chunks: int = 1, costs: Cos
     if fuse:  # where B is cheaper than P1 + P2, each candidate with no backward split competes too
         cands += [fuse_backward(c).replace(name=f"{c.name}-fused") for c in cands]
     if not cands:
-        raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch "
-                         f"chunks per rank; raise memory_limit (with {v} chunk(s) per rank, {v} always fits)")
+        raise ValueError(f"auto: no placement fits memory_limit={memory_limit} micro-batch chunks per rank; "
+                         f"use memory_limit={v} or more (with {v} chunk(s) per rank, {v} always fits)")
     if overlap_steps:
         cands = [choose_carry(s, costs) for s in cands]
         lb = period_lower_bound(stages=p, chunks=v, microbatches=m, costs=costs, layout=layout)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .actions import LAYOUTS
 from .costs import Costs
+from .flags import as_flags
 from .generators import SCHEDULE_NAMES, make_schedule
 from .simulate import simulate
 
@@ -136,7 +137,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
                 costs=costs, names=names, memory_limit=args.memory_limit,
                 timeline_dir=args.timeline, show=args.show, overlap_steps=args.overlap_steps, layout=args.layout)
     except (ValueError, OSError) as e:
-        print(f"twobp simulate: error: {e}", file=sys.stderr)
+        print(f"twobp simulate: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     if args.timeline is not None:
         print(f"timelines written to {args.timeline}/", file=sys.stderr)

@@ -216,6 +216,9 @@ class PipelineExecutor:
         self._steps_begun = 0  # training steps started on this executor (for error messages)
         self._failed_step: int | None = None  # a step that raised: the executor cannot go on
         self._grad_norm: float | None = None
+        self.skipped_steps = 0
+        """Optimizer steps the fp16 loss scaler skipped (an inf/nan gradient on some rank),
+        carried and flushed ones included."""
         self._owed: list = []  # carried P2 actions not yet run (from the last step)
         self._owed_opt: OptimizerStep | None = None  # the optimizer step this rank owes
         self._left_grads: list = []  # (param, .grad, its version) when this rank began owing
@@ -510,6 +513,7 @@ class PipelineExecutor:
                         tied_elsewhere=tied_elsewhere)
         if norm is not None:
             self._grad_norm = norm
+        self.skipped_steps += step.skipped
         records.append(("optim", "optim", t0, self._clock.mark(), None))
 
     def _loss_weights(self, targets: Sequence, sizes: Sequence[int]) -> list[float]:

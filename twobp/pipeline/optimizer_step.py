@@ -32,6 +32,9 @@ class OptimizerStep:
     lr_scheduler: Any = None
     clip_grad_norm: float | None = None
     grad_scaler: Any = None
+    skipped: bool = False
+    """Set by :meth:`run`: the fp16 loss scaler found an inf/nan on some rank, so every rank
+    skipped this optimizer step (and lowered the scale)."""
 
     def run(self, params: Sequence[nn.Parameter], *, device: torch.device, pipeline_group, all_group,
             tied_elsewhere: set[int]) -> float | None:
@@ -40,7 +43,7 @@ class OptimizerStep:
         norm = None
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-            _agree_on_inf(self.grad_scaler, self.optimizer, device, all_group)
+            self.skipped = _agree_on_inf(self.grad_scaler, self.optimizer, device, all_group)
         if self.clip_grad_norm is not None:
             norm = _clip(params, float(self.clip_grad_norm), device, pipeline_group, tied_elsewhere)
         if self.grad_scaler is not None:
@@ -53,7 +56,9 @@ class OptimizerStep:
         return norm
 
 
-def _agree_on_inf(scaler, optimizer, device: torch.device, group) -> None:
+def _agree_on_inf(scaler, optimizer, device: torch.device, group) -> bool:
+    """All-reduce (MAX) the scaler's inf/nan verdict over the ranks; returns whether any
+    rank found one (then every rank's GradScaler.step skips)."""
     found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
     flag = torch.zeros((), dtype=torch.float32, device=device)
     for v in found.values():
@@ -61,6 +66,7 @@ def _agree_on_inf(scaler, optimizer, device: torch.device, group) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     for v in found.values():
         v.fill_(float(flag))
+    return float(flag) > 0
 
 
 def _clip(params: Sequence[nn.Parameter], max_norm: float, device: torch.device, group,
