@@ -150,8 +150,13 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--timeout", type=float, default=d.timeout, help="seconds to wait for a silent peer")
     g.add_argument("--out", default=d.out, help="folder for timelines and results.json")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the results table as JSON here")
-    g.add_argument("--checkpoint", default=None, metavar="DIR", help="save per-stage state dicts here at the end")
-    g.add_argument("--resume", default=None, metavar="DIR", help="start from per-stage state dicts (any stage count)")
+    g.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save per-stage state dicts, the optimizer state and the data position here at the end "
+                        "(with several schedules: the last one's; each trained the same model on the same data, "
+                        "and their losses are checked to agree)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a --checkpoint folder (any stage count): weights, optimizer state, loss "
+                        "scale and the data position")
     g.add_argument("--quiet", action="store_true", help="no per-step progress")
 
 
