@@ -276,7 +276,7 @@ def _leaves(params: tuple, p_needs: tuple[bool, ...], label: str) -> bool:
     it was computed from: that call is not split (warned once per module)."""
     for p, need in zip(params, p_needs):
         if need and not p.is_leaf:
-            _warn_once(label, f"twobp: {label} ran inside split_backward with a weight computed by autograd "
+            _warn_once(("computed weight", label), f"twobp: {label} ran inside split_backward with a weight computed by autograd "
                               "(a parametrization such as weight_norm, or functional_call with derived weights): "
                               "its gradient must flow back through autograd to what it is computed from, so this "
                               "call computes dW with dX in its backward (correct, not deferred to p2).")
@@ -354,10 +354,11 @@ def _anchor() -> Tensor:
     return torch.empty(0, requires_grad=True)
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    """Warn once per (what happened, module label)."""
     if key in _warned:
         return
     _warned.add(key)
@@ -365,7 +366,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _warn_split_off(label: str) -> None:
-    _warn_once(label, f"twobp: {label} ran its forward inside split_backward under activation checkpointing with "
+    _warn_once(("reentrant", label), f"twobp: {label} ran its forward inside split_backward under activation checkpointing with "
                       "use_reentrant=True, which recomputes the forward inside backward: its weight gradients will "
                       "not be deferred to p2 but computed with dX (correct, but no 2BP). Use "
                       "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) to keep the split.")

@@ -124,18 +124,27 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     entries = store.entries(owners, wanted)
     waiting = [e for e in entries if e.state is EntryState.FORWARD]
     ready = [e for e in entries if e.state is EntryState.READY]
-    if waiting and (wanted is not None or not ready):
-        e = waiting[0]
+    # A micro-batch none of whose calls ran p1 had no backward yet: p2 now would lose its
+    # gradient. One whose backward ran may still have calls waiting: outputs that did not
+    # reach that loss but are still referenced (an auxiliary output kept in a variable), as
+    # torch keeps their graph; they stay pending (a later backward readies them, freeing the
+    # output drops them).
+    ready_mbs = {e.microbatch for e in ready}
+    unreached = [e for e in waiting if e.microbatch not in ready_mbs]
+    if unreached and (wanted is not None or not ready):
+        e = unreached[0]
         raise RuntimeError(
             f"backward_p2 for micro-batch {e.microbatch} of {e.label} before its p1: run the "
             "backward of that micro-batch's loss (or output) first. (A backward restricted to the "
             "parameters, loss.backward(inputs=[...]) or torch.autograd.grad(loss, params), does not reach "
             "a split forward's p1: inside split_backward the weights are not autograd inputs, and their "
-            "gradients come from backward_p2 after a backward to the inputs or with no inputs= at all.)")
-    if waiting:  # microbatches=None: run what is ready, say what still waits
-        labels = sorted({f"{e.label} (micro-batch {e.microbatch})" for e in waiting})
+            "gradients come from backward_p2 after a backward to the inputs or with no inputs= at all. "
+            "An output that reaches no loss but is still referenced also waits here: compute it outside "
+            "split_backward, or del it.)")
+    if unreached:  # microbatches=None: run what is ready, say what still waits
+        labels = sorted({f"{e.label} (micro-batch {e.microbatch})" for e in unreached})
         warnings.warn(
-            f"backward_p2: {len(waiting)} split forward(s) of {type(module_or_model).__name__} have had no "
+            f"backward_p2: {len(unreached)} split forward(s) of {type(module_or_model).__name__} have had no "
             f"backward yet, so their p2 still waits: {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}",
             UserWarning, stacklevel=3)
     if wanted is not None:
@@ -149,8 +158,9 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     elif not entries and _has_deferred_weights(module_or_model):
         warnings.warn(
             f"backward_p2: nothing is pending for {type(module_or_model).__name__}: no forward of it ran "
-            "inside twobp.split_backward since the last p2, so there is no deferred gradient to compute "
-            "(a forward outside the region already put its gradients in .grad).", UserWarning, stacklevel=3)
+            "inside twobp.split_backward since the last p2, or those that did computed their weight gradients "
+            "at once (a computed weight such as weight_norm, or reentrant checkpointing, each warned when it "
+            "ran), so there is no deferred gradient to compute: .grad already holds it.", UserWarning, stacklevel=3)
     # one batched p2 per (owner, op, parameters, mask): a module may call two kinds of op on
     # its parameters (TwoBPAttention: a packed projection, or grouped ones for cross-attention),
     # and its calls under different micro-batches may have seen other Parameter objects (a

@@ -386,13 +386,22 @@ class ActivationStore:
     def begin_step(self) -> None:
         """Check that the previous step left nothing behind, and reset the peak.
 
-        Raises :class:`LeakError` listing every entry still held: a forward whose backward
-        never ran, or a p1 whose p2 never ran.
+        Raises :class:`LeakError` listing every entry still held: a p1 whose p2 never ran
+        (its gradient is missing from ``.grad``), or a forward whose backward never ran (its
+        output is still referenced: a forgotten backward, or an output that reaches no loss
+        kept alive by a variable or a module attribute).
         """
         if self._entries:
+            states = {e.state for e in self._entries.values()}
+            causes = []
+            if EntryState.READY in states:
+                causes.append("a backward ran but its p2 did not: run twobp.backward_p2(model) for it")
+            if EntryState.FORWARD in states:
+                causes.append("a split forward's output is still referenced but had no backward: run its "
+                              "backward, or drop the reference (an output that reaches no loss is best computed "
+                              "outside split_backward, or under torch.no_grad())")
             raise LeakError(
-                "saved activations leaked from the previous step; run twobp.backward_p2(model) "
-                "for pending p2, and backward for every split forward, before the next step. "
+                "saved activations leaked from the previous step: " + "; ".join(causes) + ". "
                 + _RECOVER + "\n" + str(self.report()))
         self.reset_peak()
 
@@ -440,7 +449,10 @@ def _guard_unscale() -> None:
 
 
 def _refuse_pending_p2(optimizer, args, kwargs, what: str = "optimizer.step()") -> None:
-    pending = [e for st in list(_stores) if st._entries for e in st.entries()]
+    # ready entries only: their p1 ran, so .grad lacks their part until p2. A forward whose
+    # backward has not run owes nothing yet (torch steps past a graph that is still alive too;
+    # if its backward runs later, p2 refuses the weights this step changed).
+    pending = [e for st in list(_stores) if st._entries for e in st.entries() if e.state is EntryState.READY]
     if not pending:
         return
     mine = {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -182,7 +182,7 @@ def test_v_layout_job_probes_costs_and_trains_like_the_looped_one(tmp_path):
 def test_v_layout_takes_only_schedules_that_place_chunks_in_a_v():
     with pytest.raises(SystemExit, match="1f1b places chunks in the looped layout"):
         main(["run", "--chunks", "2", "--layout", "v", "--schedules", "1f1b"])
-    with pytest.raises(SystemExit, match="needs chunks >= 2"):
+    with pytest.raises(SystemExit, match="needs --chunks >= 2 .*add --chunks 2"):
         main(["run", "--layout", "v", "--schedules", "auto-2bp"])
 
 

@@ -256,3 +256,58 @@ def test_a_weight_edited_in_place_between_forward_and_p1_is_caught_by_autograd()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     twobp.default_store().clear()
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["microbatches=[0]", "microbatches=None"])
+def test_an_unused_output_still_referenced_waits_without_blocking_p2_or_the_optimizer(explicit):
+    """An auxiliary output that reaches no loss but is kept in a variable: torch keeps its graph
+    and steps regardless. p2 of its micro-batch runs what the loss's backward readied (exact),
+    optimizer.step() is allowed (nothing is owed), the entry goes when the output does, and
+    a step that begins while it is still referenced names that cause."""
+    import gc
+
+    ref, ours = _linear_pair()
+    (x,) = _inputs(1)
+    store = twobp.ActivationStore()
+    with twobp.split_backward(microbatch=0, store=store):
+        loss = ours(x).pow(2).sum()
+        aux = ours(x * 2)  # reaches no loss, still referenced
+    loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twobp.backward_p2(ours, microbatches=[0] if explicit else None, store=store)
+    assert not caught, [str(w.message) for w in caught]
+    ref(x).pow(2).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
+    with pytest.raises(twobp.LeakError, match="output is still referenced but had no backward"):
+        store.begin_step()
+    del aux
+    gc.collect()
+    assert store.is_empty()
+    store.begin_step()
+
+
+@pytest.mark.parametrize("how", ["backward(inputs=[x])", "autograd.grad(loss, x)"])
+def test_a_backward_restricted_to_the_inputs_is_p1_and_owes_p2(how):
+    """The input gradient equals torch's; the weight gradient is owed to backward_p2 (torch's
+    split I/W shape): optimizer.step() refuses until it ran, and then it is exact."""
+    ref, ours = _linear_pair()
+    (x,) = _inputs(1)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xr).pow(2).sum().backward()
+    with twobp.split_backward(microbatch=0):
+        loss = ours(xo).pow(2).sum()
+    if how.startswith("backward"):
+        loss.backward(inputs=[xo])
+        gx = xo.grad
+    else:
+        (gx,) = torch.autograd.grad(loss, xo)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-12, atol=1e-12)
+    assert ours.weight.grad is None
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="still pending"):
+        opt.step()
+    twobp.backward_p2(ours)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
+    opt.step()
