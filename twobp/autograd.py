@@ -32,7 +32,6 @@ it never opens a store entry, whatever split region is active.
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from typing import Hashable, Sequence
@@ -40,11 +39,13 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
+from torch.nn.parallel import DistributedDataParallel as _DDP
 
-from .backend import forced_backend, pinned_backend, resolve_backend
+from .backend import _local as _backend_local
+from .backend import pinned_backend, resolve_backend
 from .ops.base import SplitOp
-from .split import _SplitState, current_split
-from .store import Entry
+from .split import _local as _split_local
+from .split import current_split
 
 __all__ = ["split_apply", "runs_as_torch"]
 
@@ -63,66 +64,49 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _Call:
-    """What one split op call passes to its autograd node besides tensors: one argument
-    instead of several, since every non-tensor argument costs Python in Function.apply.
-
-    In a split region the parameters travel here, not as tensor arguments: they are then no
-    inputs of the node, so autograd never accumulates into their ``.grad`` (p2 does)."""
-
-    __slots__ = ("op", "owner", "label", "n_inputs", "split", "p_needs", "real_params", "compute_params")
-
-    def __init__(self, op: SplitOp, owner: Hashable, label: str, n_inputs: int, split: _SplitState | None,
-                 p_needs: tuple[bool, ...], real_params: tuple, compute_params: tuple = ()) -> None:
-        self.op, self.owner, self.label, self.n_inputs = op, owner, label, n_inputs
-        self.split, self.p_needs = split, p_needs
-        self.real_params, self.compute_params = real_params, compute_params
+# What one split op call passes to its autograd node besides tensors, as one plain tuple
+# (every non-tensor argument, and every Python object built per call, costs interpreter work
+# that runs with cold caches after a GEMM): (op, owner, label, n_inputs, split, p_needs,
+# real_params, compute_params). In a split region the parameters travel here, not as tensor
+# arguments: they are then no inputs of the node, so autograd never accumulates into their
+# ``.grad`` (p2 does).
+_Call = tuple
 
 
 class _SplitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):  # type: ignore[override]
-        op, split, p_needs, n_inputs = call.op, call.split, call.p_needs, call.n_inputs
+        op, owner, label, n_inputs, split, p_needs, real_params, compute_params = call
         inputs = tensors[:n_inputs]
-        # split: the parameters come in the _Call (tensors may end with the anchor, see split_apply)
-        params = tensors[n_inputs:] if split is None else call.compute_params
+        # split: the parameters come in the call (tensors may end with the anchor, see split_apply)
+        params = tensors[n_inputs:] if split is None else compute_params
         in_needs = tuple([t is not None and t.requires_grad for t in inputs])
         out, p1, p2 = op.forward(inputs, params, save_p1=True in in_needs, save_p2=True in p_needs)
         p1, p2 = _detached(p1), _detached(p2)
-        ctx.op, ctx.in_needs, ctx.p_needs = op, in_needs, p_needs
-        ctx.n_in, ctx.n_params, ctx.n_extra = n_inputs, len(params), len(tensors) - n_inputs
-        ctx.p1_keys, ctx.p2_keys = list(p1), list(p2)
-        ctx.entry = None
-        ctx.backend = forced_backend()  # backward may run on another thread (CUDA): keep the choice
+        entry = None
         if split is not None:
-            entry = split.store.open(owner=call.owner, label=call.label, microbatch=split.microbatch, op=op,
-                                     params=call.real_params, param_mask=p_needs, p2=p2)
-            ctx.entry = entry
+            entry = split.store.open_call(owner, label, split.microbatch, op, real_params, p_needs, p2)
             split.opened.append(entry)
             # An output that never reaches a loss has its graph freed without a backward:
             # its entry goes with it (its weight gradient is zero; there is nothing to defer).
             entry.close_with(ctx)
+        # one attribute: (op, in_needs, p_needs, n_in, n_params, n_extra, p1 keys, p2 keys, entry,
+        # the forced backend, kept because backward may run on another thread: CUDA's)
+        ctx.meta = (op, in_needs, p_needs, n_inputs, len(params), len(tensors) - n_inputs, tuple(p1), tuple(p2),
+                    entry, getattr(_backend_local, "forced", None))
         ctx.save_for_backward(*p1.values(), *p2.values(), *params, *inputs)
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        if ctx.backend is None:
-            return _SplitFunction._backward(ctx, dy)
-        with pinned_backend(ctx.backend):
-            return _SplitFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy: Tensor):
-        op: SplitOp = ctx.op
-        entry: Entry | None = ctx.entry
-        n1, n2 = len(ctx.p1_keys), len(ctx.p2_keys)
+        op, in_needs, p_needs, n_in, n_params, n_extra, p1_keys, p2_keys, entry, backend = ctx.meta
+        if backend is not None and getattr(_backend_local, "forced", None) != backend:
+            with pinned_backend(backend):
+                return _SplitFunction.backward(ctx, dy)
+        n1, n2 = len(p1_keys), len(p2_keys)
         saved = ctx.saved_tensors
-        p1 = dict(zip(ctx.p1_keys, saved[:n1]))
-        p2 = dict(zip(ctx.p2_keys, saved[n1:n1 + n2]))
-        params = tuple(saved[n1 + n2:n1 + n2 + ctx.n_params])
-        inputs = tuple(saved[n1 + n2 + ctx.n_params:])
-        head = (None,)  # the _Call
+        p1 = dict(zip(p1_keys, saved[:n1]))
+        params = saved[n1 + n2:n1 + n2 + n_params]
         if entry is not None:
             if torch.is_grad_enabled():
                 raise RuntimeError(
@@ -131,7 +115,7 @@ class _SplitFunction(torch.autograd.Function):
                     "there is no graph to differentiate. Run this forward outside split_backward for "
                     "higher-order gradients.")
             keep = entry.begin_p1()
-            dx, partials = op.split_input_grads(dy, p1, params, ctx.in_needs, ctx.p_needs)
+            dx, partials = op.split_input_grads(dy, p1, params, in_needs, p_needs)
             if not keep:
                 pass  # the module is gone: nobody can ask for its p2
             elif partials is None:
@@ -139,14 +123,16 @@ class _SplitFunction(torch.autograd.Function):
                 entry.deposit_dy(dy.detach().contiguous())
             else:
                 entry.deposit_partials(_detached(partials))
-            return (*head, *dx, *((None,) * ctx.n_extra))
+            return (None, *dx, *((None,) * n_extra))
+        p2 = dict(zip(p2_keys, saved[n1:n1 + n2]))
+        inputs = saved[n1 + n2 + n_params:]
         # autograd.grad(..., inputs=...) may ask for a subset: compute only that
-        in_needs = tuple(ctx.needs_input_grad[1:1 + ctx.n_in])
-        p_needs = tuple(ctx.needs_input_grad[1 + ctx.n_in:])
+        in_needs = tuple(ctx.needs_input_grad[1:1 + n_in])
+        p_needs = tuple(ctx.needs_input_grad[1 + n_in:])
         if torch.is_grad_enabled():  # create_graph=True: a backward built of differentiable ops
-            return (*head, *_differentiable_grads(op, dy, inputs, params, in_needs, p_needs))
+            return (None, *_differentiable_grads(op, dy, inputs, params, in_needs, p_needs))
         dx, pgrads = op.fused_grads(dy, p1, p2, params, in_needs, p_needs)
-        return (*head, *dx, *pgrads)
+        return (None, *dx, *pgrads)
 
 
 # torch.autograd.Function.apply's Python wrapper binds default arguments for setup_context
@@ -223,17 +209,19 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
     """``params``: the parameters themselves (whose ``.grad`` p2 fills); ``compute_params``:
     what the op computes with (the same, or their autocast copies)."""
     p_needs = tuple([p is not None and p.requires_grad for p in params])
-    split = current_split()
+    split = getattr(_split_local, "state", None)  # current_split(), inlined: this runs on every op call
     if _FUNCTORCH_ACTIVE() or _forward_ad._current_level >= 0:
         return _traced_forward(op, label, inputs, compute_params, split is not None and True in p_needs)
     if not torch.is_grad_enabled():
         if split is not None and True in p_needs and _under_reentrant_checkpoint():
             _warn_split_off(label)
         return _forward_only(op, inputs, compute_params)
-    if not _any_requires_grad(inputs) and not _any_requires_grad(compute_params):
+    input_needs = _any_requires_grad(inputs)
+    if not input_needs and not _any_requires_grad(compute_params):
         return _forward_only(op, inputs, compute_params)
-    if split is not None and True in p_needs and not _in_backward() and _leaves(params, p_needs, label):
-        _refuse_ddp_forward(label)
+    if split is not None and True in p_needs and _GRAPH_TASK_ID() == -1 and _leaves(params, p_needs, label):
+        if getattr(_DDP, "_active_ddp_module", None) is not None:
+            _refuse_ddp_forward(label)
         # Split: the parameters are no inputs of the node (p2 fills their .grad); the node
         # saves them, so in-place edits are still caught. An autocast copy is detached (kept
         # past its node it would hold the cast's graph) and flagged as its parameter is, since
@@ -243,15 +231,15 @@ def _split_apply(op: SplitOp, owner: Hashable, label: str, inputs: tuple, params
         if compute_params is not params:
             compute_params = tuple([None if c is None else c.detach().requires_grad_(need)
                                     for c, need in zip(compute_params, p_needs)])
-        call = _Call(op, owner, label, len(inputs), split, p_needs, params, compute_params)
-        if _any_requires_grad(inputs):
+        call = (op, owner, label, len(inputs), split, p_needs, params, compute_params)
+        if input_needs:
             return _APPLY(call, *inputs)
         return _APPLY(call, *inputs, _anchor())
     if not _saved_tensor_hooks_active():
         out = op.native_forward(inputs, compute_params)
         if out is not None:
             return out
-    return _APPLY(_Call(op, owner, label, len(inputs), None, p_needs, ()), *inputs, *compute_params)
+    return _APPLY((op, owner, label, len(inputs), None, p_needs, (), ()), *inputs, *compute_params)
 
 
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -338,16 +326,13 @@ def _under_reentrant_checkpoint() -> bool:
 
 
 def _refuse_ddp_forward(label: str) -> None:
-    if getattr(_ddp_class(), "_active_ddp_module", None) is not None:
-        from .split import _DP_ALTERNATIVE
-        raise NotImplementedError(f"{label}: a split forward inside torch DistributedDataParallel: {_DP_ALTERNATIVE}")
+    """Raise: a split forward inside DistributedDataParallel's forward (``_DDP._active_ddp_module``
+    is set while one runs), whose gradient hooks would reduce before p2."""
+    from .split import _DP_ALTERNATIVE
+    raise NotImplementedError(f"{label}: a split forward inside torch DistributedDataParallel: {_DP_ALTERNATIVE}")
 
 
-@functools.lru_cache(maxsize=1)
-def _ddp_class() -> type:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel
+_GRAPH_TASK_ID = torch._C._current_graph_task_id  # -1 outside a backward pass (see _in_backward)
 
 
 def _anchor() -> Tensor:

@@ -85,22 +85,21 @@ def pinned_backend(name: Backend | None) -> Iterator[None]:
 
 def resolve_backend(device: torch.device) -> Backend:
     """The backend that runs ops on tensors of ``device`` (see the module docstring)."""
-    if not _env:
-        reload_environment()
-    forced = getattr(_local, "forced", None) or _env["backend"]
-    if forced is not None:
-        if forced not in _VALID:
-            raise ValueError(f"TWOBP_BACKEND must be one of {_VALID}, got {forced!r}")
-        if forced == "triton" and device.type == "cpu" and not _interpreting():
-            raise RuntimeError(
-                "the triton backend on CPU tensors needs Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before importing twobp, or use the torch backend")
-        return forced  # type: ignore[return-value]
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and _interpreting():
-        return "triton"
-    return "torch"
+    forced = getattr(_local, "forced", None)
+    if forced is None:  # the common case first: this sits on every op call's path
+        if not _env:
+            reload_environment()
+        forced = _env["backend"]
+        if forced is None:
+            kind = device.type
+            return "triton" if kind == "cuda" or (kind == "cpu" and _env["interpret"]) else "torch"
+    if forced not in _VALID:
+        raise ValueError(f"TWOBP_BACKEND must be one of {_VALID}, got {forced!r}")
+    if forced == "triton" and device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "the triton backend on CPU tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before importing twobp, or use the torch backend")
+    return forced  # type: ignore[return-value]
 
 
 def gemm_backend(device: torch.device, dtype: torch.dtype, what: str) -> Backend:

@@ -108,26 +108,18 @@ class Entry:
 
     def __init__(self, store: "ActivationStore", owner: Hashable, label: str, microbatch: int,
                  op: Any, params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]):
-        self.store = store
         try:
             self._owner = weakref.ref(owner, store._owner_died)
         except TypeError:  # not weak-referenceable (a plain key): held as it is
             self._owner = (lambda o=owner: o)
-        self.owner_id = id(owner)
-        self.label = label
-        self.microbatch = microbatch
-        self.op = op
-        self.params = tuple(params)
-        self.param_mask = tuple(param_mask)
-        self.state = EntryState.FORWARD
-        self.p2: dict[str, Tensor] | None = p2
+        params = tuple(params)
+        self.store, self.owner_id, self.label, self.microbatch, self.op = store, id(owner), label, microbatch, op
+        self.params, self.param_mask, self.state, self.p2 = params, tuple(param_mask), EntryState.FORWARD, p2
         self.dy: Tensor | None = None
-        self._dy_version = 0
-        self.seq = next(_seq)
+        self._dy_version, self.seq, self._node = 0, next(_seq), None
         self._keys: set[tuple[int, int]] = set()
         self._versions = {id(t): t._version for t in p2.values() if t is not None}
-        self._param_versions = [p._version if p is not None else None for p in self.params]
-        self._node: weakref.ref | None = None
+        self._param_versions = [None if p is None else p._version for p in params]
 
     @property
     def owner(self) -> Any:
@@ -181,11 +173,16 @@ class Entry:
 
     def deposit_dy(self, dy: Tensor) -> None:
         """Finish p1: keep dy for p2; the entry becomes ready."""
-        with self.store._lock:
-            self.dy = dy
-            self._dy_version = dy._version
-            self.state = EntryState.READY
-            self.store._hold(self, dy)  # the p2 set is held already: only dy is new
+        store = self.store
+        with store._lock:
+            self.dy, self._dy_version, self.state = dy, dy._version, EntryState.READY
+            s = dy.untyped_storage()  # the p2 set is held already: only dy's storage is new (inlined _hold)
+            k = (s.data_ptr(), s.nbytes())
+            if k not in self._keys:
+                self._keys.add(k)
+                store._acquire(k)
+                if store._live > store._peak:
+                    store._peak = store._live
 
     def deposit_partials(self, partials: dict[str, Tensor]) -> None:
         """Finish p1 of an op that reduced its parameter gradients to partials in p1: they
@@ -293,6 +290,29 @@ class ActivationStore:
             for t in p2.values():
                 if t is not None:
                     self._hold(entry, t)
+            return entry
+
+    def open_call(self, owner: Hashable, label: str, microbatch: int, op: Any, params: tuple,
+                  param_mask: tuple[bool, ...], p2: dict[str, Tensor]) -> Entry:
+        """:meth:`open` for the split op's forward, positional: it runs on every op call."""
+        if not _guard_installed:
+            _install_step_guard()
+        with self._lock:
+            entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
+            self._entries[entry.seq] = entry
+            keys, refcount = entry._keys, self._refcount
+            for t in p2.values():
+                if t is not None:
+                    s = t.untyped_storage()
+                    k = (s.data_ptr(), s.nbytes())
+                    if k not in keys:
+                        keys.add(k)
+                        n = refcount.get(k, 0)
+                        if n == 0:
+                            self._live += k[1]
+                        refcount[k] = n + 1
+            if self._live > self._peak:
+                self._peak = self._live
             return entry
 
     def _owner_died(self, ref: weakref.ref) -> None:

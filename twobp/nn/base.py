@@ -20,7 +20,9 @@ class TwoBPModule:
         return getattr(self, "_twobp_label", None) or type(self).__name__
 
     def _split(self, op: SplitOp, inputs: Sequence[Tensor], params: Sequence[Tensor | None]) -> Tensor:
-        return split_apply(op, self, self.twobp_label(), inputs, params)
+        # the label read from __dict__: a missing attribute would go through nn.Module.__getattr__
+        # and an AttributeError on every call of an unlabelled module
+        return split_apply(op, self, self.__dict__.get("_twobp_label") or type(self).__name__, inputs, params)
 
     @staticmethod
     def _as_torch(forward: Callable[[], Tensor], explain: Callable[[], object]) -> Tensor:

@@ -31,7 +31,7 @@ def linear_fwd_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def linear_dx_ref(dy: Tensor, weight: Tensor) -> Tensor:
-    """dX = dY W for dY [M, N]."""
+    """dX = dY W for dY [..., N]."""
     return dy @ weight
 
 
@@ -89,13 +89,11 @@ class LinearOp(SplitOp):
 
     def input_grads(self, dy, saved, params, needs):
         weight = params[0]
+        if gemm_backend(dy.device, dy.dtype, "linear") != "triton":
+            return (linear_dx_ref(dy, weight),)  # [..., N] @ [N, K]: matmul folds the leading dims
+        from ..kernels.linear import linear_dx
         n, k = weight.shape
-        dy2 = dy.reshape(-1, n)
-        if gemm_backend(dy.device, dy.dtype, "linear") == "triton":
-            from ..kernels.linear import linear_dx
-            dx = linear_dx(dy2.contiguous(), weight)
-        else:
-            dx = linear_dx_ref(dy2, weight)
+        dx = linear_dx(dy.reshape(-1, n).contiguous(), weight)
         return (dx.reshape(*dy.shape[:-1], k),)
 
     def differentiable_forward(self, inputs, params):
