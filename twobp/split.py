@@ -99,13 +99,16 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
 
     Raises ``RuntimeError`` naming the fix when a named micro-batch has nothing pending
     although the module has trainable twobp weights (a module without any owes no p2, so
-    naming its micro-batches is fine), or when a named micro-batch's p1 has not run yet (p2
-    needs the dy p1 deposits). With ``microbatches=None`` it runs every ready entry and
-    warns about forwards still waiting for their backward (raising when nothing is ready
-    but something waits). Warns (and returns 0) when nothing at all is pending for a
-    model with trainable twobp weights: its forward probably ran outside
-    ``split_backward``, so its gradients are already in ``.grad``. A forward whose output
-    never reaches a loss leaves nothing behind once that output is garbage.
+    naming its micro-batches is fine), or when no call of a named micro-batch has run p1
+    yet (p2 needs the dy p1 deposits). Calls of a micro-batch whose backward did run, but
+    whose own outputs reached no loss and are still referenced, stay pending without an
+    error (torch keeps their graph too; a later backward readies them). With
+    ``microbatches=None`` it runs every ready entry and warns about micro-batches still
+    waiting for their backward (raising when nothing is ready but something waits). Warns
+    (and returns 0) when nothing at all is pending for a model with trainable twobp
+    weights: its forward probably ran outside ``split_backward``, so its gradients are
+    already in ``.grad``. A forward whose output never reaches a loss leaves nothing
+    behind once that output is garbage.
     """
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"backward_p2 takes an nn.Module, got {type(module_or_model).__name__}")
