@@ -12,6 +12,7 @@ The split is decided at forward time, so a pipeline can choose per micro-batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections import defaultdict
@@ -19,6 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .store import ActivationStore, Entry, EntryState, default_store
 
@@ -112,7 +114,6 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     """
     if not isinstance(module_or_model, nn.Module):
         raise TypeError(f"backward_p2 takes an nn.Module, got {type(module_or_model).__name__}")
-    _refuse_wrappers(module_or_model)
     if isinstance(microbatches, bool) or (microbatches is not None and not isinstance(microbatches, int)
                                           and not isinstance(microbatches, Iterable)):
         raise TypeError(f"backward_p2: microbatches must be an int, an iterable of ints or None, "
@@ -120,7 +121,8 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
     if isinstance(microbatches, int):
         microbatches = [microbatches]
     store = store or default_store()
-    owners = list(module_or_model.modules())
+    owners = list(module_or_model.modules())  # one walk of the tree per call: it runs per P2 action
+    _refuse_wrappers(owners)
     wanted = None if microbatches is None else sorted(set(microbatches))
     if wanted is not None and any(isinstance(mb, bool) or not isinstance(mb, int) for mb in wanted):
         raise TypeError(f"backward_p2: micro-batch ids must be ints, got {wanted!r}")
@@ -152,13 +154,13 @@ def backward_p2(module_or_model: nn.Module, microbatches: Iterable[int] | int | 
             UserWarning, stacklevel=3)
     if wanted is not None:
         missing = sorted(set(wanted) - {e.microbatch for e in entries})
-        if missing and _has_deferred_weights(module_or_model):
+        if missing and _has_deferred_weights(owners):
             have = pending_microbatches(module_or_model, store)
             raise RuntimeError(
                 f"backward_p2: nothing pending for micro-batch(es) {missing} in "
                 f"{type(module_or_model).__name__}; pending: {have or 'none'}. Was the forward run "
                 "inside twobp.split_backward(microbatch=...), and was its p2 already run?")
-    elif not entries and _has_deferred_weights(module_or_model):
+    elif not entries and _has_deferred_weights(owners):
         warnings.warn(
             f"backward_p2: nothing is pending for {type(module_or_model).__name__}: no forward of it ran "
             "inside twobp.split_backward since the last p2, or those that did computed their weight gradients "
@@ -191,27 +193,34 @@ _DP_ALTERNATIVE = ("2BP computes weight gradients after the backward, when DDP a
                    "--dp N`, which all-reduces after p2), or run the forward outside split_backward.")
 
 
-def _refuse_wrappers(model: nn.Module) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch
-        FSDPModule = ()
-    for m in model.modules():
-        if isinstance(m, DistributedDataParallel):
-            raise NotImplementedError(f"backward_p2 on a torch DistributedDataParallel model: {_DP_ALTERNATIVE}")
-        if FSDPModule and isinstance(m, FSDPModule):
+def _refuse_wrappers(modules: list[nn.Module]) -> None:
+    """Raise for a DDP- or FSDP-wrapped model (``modules``: the model's modules). Looks the
+    wrapper classes up in each module's MRO: FSDPModule is an ABC, whose isinstance runs Python."""
+    fsdp = _fsdp_type()
+    for m in modules:
+        mro = type(m).__mro__
+        if DistributedDataParallel in mro or (fsdp is not None and fsdp in mro):
+            if DistributedDataParallel in mro:
+                raise NotImplementedError(f"backward_p2 on a torch DistributedDataParallel model: {_DP_ALTERNATIVE}")
             raise NotImplementedError(f"backward_p2 on a model sharded with torch FSDP (fully_shard): "
                                       f"{_DP_ALTERNATIVE}")
 
 
-def _has_deferred_weights(model: nn.Module) -> bool:
-    """Whether any twobp module inside has a trainable parameter of its own (so p2 is owed)."""
+@functools.lru_cache(maxsize=1)
+def _fsdp_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        return None
+    return FSDPModule
+
+
+def _has_deferred_weights(modules: list[nn.Module]) -> bool:
+    """Whether any twobp module among ``modules`` has a trainable parameter of its own (so p2 is owed)."""
     from .nn.base import TwoBPModule
 
     return any(isinstance(m, TwoBPModule) and any(p.requires_grad for p in m.parameters(recurse=False))
-               for m in model.modules())
+               for m in modules)
 
 
 def _run_p2_groups(groups: list[list[Entry]], batched: bool) -> None:

@@ -201,22 +201,27 @@ class Entry:
                 f"p2 of {self.label} micro-batch {self.microbatch} asked for before its p1: run the "
                 "backward of that micro-batch's output first (p2 needs the dy that p1 deposits)")
         p2 = self.p2 or {}
-        where = f"{self.label} micro-batch {self.microbatch} (p2)"
-        check_versions(p2, self._versions, where)
+        versions = self._versions
+        for t in p2.values():
+            if t is not None and versions.get(id(t), t._version) != t._version:
+                check_versions(p2, versions, self._where())  # raises, naming the tensor
         if self.dy is not None and self.dy._version != self._dy_version:
             raise RuntimeError(
-                f"the output gradient p1 received for {where} was modified in place before p2 (a gradient "
-                "buffer passed to backward() and reused, or edited by a hook): 2BP keeps that tensor until "
-                "p2 computes the weight gradient from it, so pass backward() a tensor you do not reuse "
+                f"the output gradient p1 received for {self._where()} was modified in place before p2 (a "
+                "gradient buffer passed to backward() and reused, or edited by a hook): 2BP keeps that tensor "
+                "until p2 computes the weight gradient from it, so pass backward() a tensor you do not reuse "
                 "until backward_p2 has run (e.g. y.backward(g.clone())). " + _RECOVER)
         for i, (p, v) in enumerate(zip(self.params, self._param_versions)):
             if p is not None and self.param_mask[i] and p._version != v:
                 raise RuntimeError(
-                    f"parameter {i} (shape {tuple(p.shape)}) of {where} was modified in place after its "
+                    f"parameter {i} (shape {tuple(p.shape)}) of {self._where()} was modified in place after its "
                     "forward (an optimizer.step() or a weight edit before twobp.backward_p2?): its deferred "
                     "gradient would belong to a value that no longer exists. Run backward_p2 before "
                     "stepping or editing the parameters. " + _RECOVER)
         return self.dy, p2
+
+    def _where(self) -> str:
+        return f"{self.label} micro-batch {self.microbatch} (p2)"
 
     def close(self) -> None:
         """Drop everything; the entry leaves the store."""
@@ -373,7 +378,7 @@ class ActivationStore:
             out = [e for e in self._entries.values()
                    if (own is None or e.owner_id in own) and (mbs is None or e.microbatch in mbs)]
         # an id may outlive its module and be reused: keep entries whose owner is really there
-        return [e for e in out if own is None or e.owner is not None]
+        return out if own is None else [e for e in out if e._owner() is not None]
 
     def held_storages(self) -> dict[tuple[int, int], int]:
         """``{(data_ptr, nbytes): number of entries holding it}`` for every storage held now
