@@ -59,11 +59,6 @@ def _detached(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     return saved
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass on this thread."""
-    return torch._C._current_graph_task_id() != -1
-
-
 # What one split op call passes to its autograd node besides tensors, as one plain tuple
 # (every non-tensor argument, and every Python object built per call, costs interpreter work
 # that runs with cold caches after a GEMM): (op, owner, label, n_inputs, split, p_needs,
@@ -332,7 +327,9 @@ def _refuse_ddp_forward(label: str) -> None:
     raise NotImplementedError(f"{label}: a split forward inside torch DistributedDataParallel: {_DP_ALTERNATIVE}")
 
 
-_GRAPH_TASK_ID = torch._C._current_graph_task_id  # -1 outside a backward pass (see _in_backward)
+# the autograd engine's current graph task on this thread: -1 outside a backward pass (a forward
+# inside one is a recomputation, which opens no store entry)
+_GRAPH_TASK_ID = torch._C._current_graph_task_id
 
 
 def _anchor() -> Tensor:

@@ -176,7 +176,7 @@ class Entry:
         store = self.store
         with store._lock:
             self.dy, self._dy_version, self.state = dy, dy._version, EntryState.READY
-            s = dy.untyped_storage()  # the p2 set is held already: only dy's storage is new (inlined _hold)
+            s = dy.untyped_storage()  # the p2 set is held already: only dy's storage is new
             k = (s.data_ptr(), s.nbytes())
             if k not in self._keys:
                 self._keys.add(k)
@@ -287,19 +287,12 @@ class ActivationStore:
              params: Sequence[Tensor | None], param_mask: Sequence[bool], p2: dict[str, Tensor]) -> Entry:
         """Record a forward's p2 set under ``(owner, microbatch)`` (one more entry if that
         module already ran under this micro-batch: p2 accumulates all of them)."""
-        if not _guard_installed:
-            _install_step_guard()
-        with self._lock:
-            entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
-            self._entries[entry.seq] = entry
-            for t in p2.values():
-                if t is not None:
-                    self._hold(entry, t)
-            return entry
+        return self.open_call(owner, label, microbatch, op, tuple(params), tuple(param_mask), p2)
 
     def open_call(self, owner: Hashable, label: str, microbatch: int, op: Any, params: tuple,
                   param_mask: tuple[bool, ...], p2: dict[str, Tensor]) -> Entry:
-        """:meth:`open` for the split op's forward, positional: it runs on every op call."""
+        """:meth:`open`, positional: the split op's forward calls it on every op call, so its
+        storages are counted inline rather than through helpers."""
         if not _guard_installed:
             _install_step_guard()
         with self._lock:
@@ -324,15 +317,6 @@ class ActivationStore:
         with self._lock:
             for e in [e for e in self._entries.values() if e._owner is ref]:
                 self._close(e)
-
-    def _hold(self, entry: Entry, t: Tensor) -> None:
-        """Count one more tensor of ``entry`` (its storage once)."""
-        k = _storage_key(t)
-        if k not in entry._keys:
-            entry._keys.add(k)
-            self._acquire(k)
-            if self._live > self._peak:
-                self._peak = self._live
 
     def _refresh(self, entry: Entry) -> None:
         new = {_storage_key(t) for t in entry.tensors()}
