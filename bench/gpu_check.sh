@@ -13,12 +13,19 @@
 # GPU_CHECK_BUDGET (seconds, default 360) is the whole budget; the Python part gets what the
 # install leaves, less 20 s of margin, and is stopped (TERM, then KILL) if it overruns.
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "PYTHON: the interpreter (default python3; with --dry-run, the repo's .venv/bin/python if there is one)."
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-360}
-PY=${PYTHON:-python3}
 dry=()
 if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); shift; fi
+# a CPU dry run uses this checkout's virtualenv when it has one; on the GPU machine, its own python3
+if [ ${#dry[@]} -gt 0 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+PY=${PYTHON:-python3}
 out=${1:-${OUT:-}}
 [ -n "${TWOBP_SKIP_INSTALL:-}" ] || "$PY" -m pip install -q --no-deps --no-build-isolation -e . || {
   echo "gpu_check: 'pip install --no-deps --no-build-isolation -e .' failed (needs setuptools>=64)" >&2; exit 2; }

@@ -10,10 +10,16 @@
 #   mkdir -p bench/results/<card>-<date> && tar xzf OUT/gpu.tgz -C bench/results/<card>-<date>
 #   bench/gpu_lease.sh --dry-run OUT  the same on a CPU, tiny sizes
 set -uo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "PYTHON: the interpreter (default python3; with --dry-run, the repo's .venv/bin/python if there is one)."
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 dry=()
 if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); shift; fi
 out=${1:?usage: bench/gpu_lease.sh [--dry-run] OUT}
+if [ ${#dry[@]} -gt 0 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then export PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
 work=$(mktemp -d)
 mkdir -p "$out"

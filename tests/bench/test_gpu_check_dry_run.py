@@ -62,3 +62,13 @@ def test_gpu_check_phase_timeout_skips_and_still_summarises(tmp_path):
     skipped = [line for line in summary.splitlines() if line.startswith("## ") and "skipped" in line]
     assert len(skipped) == 6, summary
     assert (tmp_path / "1-env.md").exists()
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_lease.sh"])
+def test_the_gpu_scripts_answer_help_without_running_anything(script, tmp_path):
+    """--help prints the usage and exits 0; it is not taken for the output folder."""
+    proc = subprocess.run(["bash", str(ROOT / "bench" / script), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert f"bench/{script}" in proc.stdout and "--dry-run" in proc.stdout and "PYTHON" in proc.stdout
+    assert not (tmp_path / "--help").exists() and not (ROOT / "--help").exists()

@@ -24,9 +24,10 @@ def positions(hidden: Tensor) -> Tensor:
 def _call(fn, config, hidden: Tensor, position_ids: Tensor):
     params = inspect.signature(fn).parameters
     kw = {"config": config, "inputs_embeds": hidden, "attention_mask": None, "position_ids": position_ids}
-    for name in ("cache", "past_key_values"):  # renamed across transformers versions
-        if name in params:
+    for name in ("cache", "past_key_values"):  # renamed (transformers 5.x: cache); give only one, as
+        if name in params:                       # newer versions warn when the deprecated alias is set too
             kw[name] = None
+            break
     if "cache_position" in params:
         kw["cache_position"] = position_ids[0]
     return fn(**{k: v for k, v in kw.items() if k in params})
