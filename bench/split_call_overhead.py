@@ -1,7 +1,8 @@
 """One split linear call with cold caches: what the split machinery costs around the GEMM.
 
 A stage's split forward measures 1-4% above torch's modules (`bench/stage_overhead.py`),
-more than the ~30 us of Python a split call costs in a warm loop. In a model every op call
+more than the Python a split call costs with warm caches (run it at a tiny shape, e.g.
+``--rows 2 --in-features 16 --out-features 16``, to see that figure). In a model every op call
 follows a GEMM that has pushed the interpreter's code and data out of the caches, so each
 Python operation costs several times its warm figure. This bench reproduces that: one
 linear at a model's shape (llama/small's gate projection by default: 2 x 256 rows,
@@ -28,12 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+from twobp.benchmarks.args import positive_int
 
 
 def measure(rows: int, k: int, n: int, rounds: int, warmup: int = 20) -> dict[str, float]:
@@ -52,7 +48,7 @@ def measure(rows: int, k: int, n: int, rounds: int, warmup: int = 20) -> dict[st
     x = torch.randn(rows, k, requires_grad=True)
     dy = torch.randn(rows, n)
     store = twobp.ActivationStore()
-    times: dict[str, list[float]] = {k: [] for k in ("F split", "F inner", "F torch", "P1", "P2", "B torch")}
+    times: dict[str, list[float]] = {part: [] for part in ("F split", "F inner", "F torch", "P1", "P2", "B torch")}
     gemm = linear_op.linear_fwd_ref
 
     def timed_gemm(*args):
@@ -125,10 +121,10 @@ def report(med: dict[str, float], rows: int, k: int, n: int, rounds: int, comman
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=_positive, default=512, help="rows of x (default 512: 2 x 256 tokens)")
-    ap.add_argument("--in-features", type=_positive, default=512, help="K (default 512)")
-    ap.add_argument("--out-features", type=_positive, default=1376, help="N (default 1376)")
-    ap.add_argument("--rounds", type=_positive, default=300, help="timed rounds (default 300)")
+    ap.add_argument("--rows", type=positive_int, default=512, help="rows of x (default 512: 2 x 256 tokens)")
+    ap.add_argument("--in-features", type=positive_int, default=512, help="K (default 512)")
+    ap.add_argument("--out-features", type=positive_int, default=1376, help="N (default 1376)")
+    ap.add_argument("--rounds", type=positive_int, default=300, help="timed rounds (default 300)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     args = ap.parse_args(argv)
     med = measure(args.rows, args.in_features, args.out_features, args.rounds)

@@ -27,18 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from twobp.benchmarks.args import positive_int
+
 DEFAULTS = {  # model -> (preset, rows per micro-batch): a micro-batch of the comparison's runs
     "llama": ("small", 2),
     "bert": ("cpu", 2),
     "resnet": ("cpu", 8),
 }
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def measure(model_name: str, preset: str, rows: int, rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -138,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated models: llama, bert, resnet (default llama)")
     ap.add_argument("--preset", default=None, help="model preset (default: the comparison's: llama small, "
                                                    "bert cpu, resnet cpu)")
-    ap.add_argument("--rows", type=_positive, default=None, help="rows per micro-batch (default: the "
+    ap.add_argument("--rows", type=positive_int, default=None, help="rows per micro-batch (default: the "
                                                                  "comparison's at m = 4)")
-    ap.add_argument("--rounds", type=_positive, default=10, help="timed rounds (default 10)")
+    ap.add_argument("--rounds", type=positive_int, default=10, help="timed rounds (default 10)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.model.split(",") if m.strip()]

@@ -291,24 +291,20 @@ class ActivationStore:
 
     def open_call(self, owner: Hashable, label: str, microbatch: int, op: Any, params: tuple,
                   param_mask: tuple[bool, ...], p2: dict[str, Tensor]) -> Entry:
-        """:meth:`open`, positional: the split op's forward calls it on every op call, so its
-        storages are counted inline rather than through helpers."""
+        """:meth:`open`, positional: the split op's forward calls it on every op call."""
         if not _guard_installed:
             _install_step_guard()
         with self._lock:
             entry = Entry(self, owner, label, microbatch, op, params, param_mask, p2)
             self._entries[entry.seq] = entry
-            keys, refcount = entry._keys, self._refcount
+            keys = entry._keys
             for t in p2.values():
                 if t is not None:
                     s = t.untyped_storage()
                     k = (s.data_ptr(), s.nbytes())
                     if k not in keys:
                         keys.add(k)
-                        n = refcount.get(k, 0)
-                        if n == 0:
-                            self._live += k[1]
-                        refcount[k] = n + 1
+                        self._acquire(k)
             if self._live > self._peak:
                 self._peak = self._live
             return entry

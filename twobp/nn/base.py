@@ -17,12 +17,12 @@ class TwoBPModule:
     twin by a class swap (see :func:`twobp.convert`), keeping parameters and hooks."""
 
     def twobp_label(self) -> str:
-        return getattr(self, "_twobp_label", None) or type(self).__name__
+        # read from __dict__: a missing attribute would go through nn.Module.__getattr__ and an
+        # AttributeError on every op call of an unlabelled module
+        return self.__dict__.get("_twobp_label") or type(self).__name__
 
     def _split(self, op: SplitOp, inputs: Sequence[Tensor], params: Sequence[Tensor | None]) -> Tensor:
-        # the label read from __dict__: a missing attribute would go through nn.Module.__getattr__
-        # and an AttributeError on every call of an unlabelled module
-        return split_apply(op, self, self.__dict__.get("_twobp_label") or type(self).__name__, inputs, params)
+        return split_apply(op, self, self.twobp_label(), inputs, params)
 
     @staticmethod
     def _as_torch(forward: Callable[[], Tensor], explain: Callable[[], object]) -> Tensor:
